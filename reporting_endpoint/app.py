@@ -1,0 +1,75 @@
+"""The Starlette application factory: routes and middleware as lists, storage in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Route
+
+from reporting_endpoint.errors import EXCEPTION_HANDLERS
+from reporting_endpoint.health import HealthEndpoint
+from reporting_endpoint.middleware import BodyLimitMiddleware, CORSMiddleware
+from reporting_endpoint.reports import ReportsEndpoint
+from reporting_endpoint.settings import Settings
+from reporting_endpoint.storage import SQLiteStorage, Storage
+from reporting_endpoint.validation import default_validator
+
+
+def storage_lifespan(storage: Storage) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await storage.start()
+        try:
+            yield
+        finally:
+            # Drains the queue: every report already accepted is committed before exit.
+            await storage.stop()
+
+    return lifespan
+
+
+def routes(settings: Settings, storage: Storage) -> list[BaseRoute]:
+    reports = ReportsEndpoint(settings, default_validator(), storage)
+    health = HealthEndpoint(storage)
+    ingest_middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            max_age=settings.cors_max_age,
+        ),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+    ]
+    return [
+        Route("/reports", reports, methods=["POST", "OPTIONS"], middleware=ingest_middleware),
+        Route("/healthz", health.handle, methods=["GET"]),
+    ]
+
+
+def create_app(settings: Settings | None = None, *, storage: Storage | None = None) -> Starlette:
+    """Build the service. Nothing is opened until the lifespan starts."""
+    settings = settings or Settings.from_env()
+    storage = storage or SQLiteStorage(
+        settings.db, queue_size=settings.queue_size, synchronous=settings.sqlite_synchronous
+    )
+    app = Starlette(
+        routes=routes(settings, storage),
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=storage_lifespan(storage),
+    )
+    app.state.settings = settings
+    app.state.storage = storage
+    return app
+
+
+def lifespan(app: Starlette) -> AbstractAsyncContextManager[object]:
+    """Start and stop a service app from a host application's own lifespan.
+
+    Starlette does not run the lifespan of a mounted app, so a host does::
+
+        async with reporting_endpoint.lifespan(reporting_app):
+            yield
+    """
+    return app.router.lifespan_context(app)

@@ -1,0 +1,92 @@
+"""Command line: ``serve`` and ``export``, thin wrappers over the modules that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from reporting_endpoint.settings import ENV_PREFIX, Settings, SettingsError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from reporting_endpoint.app import create_app
+
+    settings = Settings.from_env(
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        # The storage drains its queue on shutdown; give it time to do so.
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace, out: TextIO) -> int:
+    import orjson
+
+    from reporting_endpoint.queries import iter_reports, open_readonly
+
+    settings = Settings.from_env(db=args.db)
+    connection = open_readonly(settings.db)
+    try:
+        for report in iter_reports(connection):
+            out.write(orjson.dumps(report).decode())
+            out.write("\n")
+    finally:
+        connection.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reporting-endpoint",
+        description="Collect browser crash reports (W3C Reporting API) into SQLite.",
+        epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<NAME>.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
+    serve.add_argument("--db", type=Path, help="SQLite file, created when missing")
+    serve.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM)")
+    serve.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
+
+    export = commands.add_parser("export", help="write every stored report as JSON lines")
+    export.add_argument("--db", type=Path, help="SQLite file to read")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stream = out or sys.stdout
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "export":
+            return _export(args, stream)
+    except (SettingsError, FileNotFoundError) as exc:
+        print(f"reporting-endpoint: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Pure functions that derive grouping keys: the site and origin of a URL, the user-agent family."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from publicsuffixlist import PublicSuffixList
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    # The list ships inside the package: no network at run time.
+    return PublicSuffixList()
+
+
+@dataclass(frozen=True, slots=True)
+class UrlParts:
+    """A report URL made safe to store, with its origin and site."""
+
+    url: str
+    origin: str | None
+    site: str | None
+
+
+def _split(url: str) -> SplitResult | None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return None
+    return parts
+
+
+def strip_url(url: str, keep_query: bool = False) -> str:
+    """Drop credentials always, and the query string and fragment unless asked to keep them."""
+    parts = _split(url)
+    if parts is None or not parts.scheme:
+        return url if keep_query else url.split("?", 1)[0].split("#", 1)[0]
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if keep_query:
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def origin_of(url: str) -> str | None:
+    """``scheme://host[:port]``, the port only when it is not the scheme's default."""
+    parts = _split(url)
+    if parts is None or parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return _origin(parts)
+
+
+def _origin(parts: SplitResult) -> str:
+    assert parts.hostname is not None
+    host = _host_for_url(_ascii_host(parts.hostname))
+    port = parts.port
+    if port is None or port == _DEFAULT_PORTS[parts.scheme]:
+        return f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def site_of(url: str) -> str | None:
+    """The web's "site": scheme plus registrable domain (eTLD+1), no port.
+
+    An IP address, ``localhost`` or a host that is itself a public suffix is its own site.
+    """
+    parts = _split(url)
+    if parts is None or parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return _site(parts.scheme, parts.hostname)
+
+
+# Reports from one site repeat the same few hosts; the PSL walk costs ~15 us a call.
+@functools.lru_cache(maxsize=8192)
+def _site(scheme: str, hostname: str) -> str:
+    ascii_host = _ascii_host(hostname)
+    if _is_ip(ascii_host):
+        return f"{scheme}://{_host_for_url(ascii_host)}"
+    registrable = _psl().privatesuffix(ascii_host)
+    return f"{scheme}://{registrable or ascii_host}"
+
+
+def url_parts(url: str, keep_query: bool = False) -> UrlParts:
+    """The stored URL, origin and site of a report URL, splitting it once."""
+    parts = _split(url)
+    if parts is None or parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return UrlParts(strip_url(url, keep_query), origin_of(url), site_of(url))
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if keep_query:
+        stored = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    else:
+        stored = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return UrlParts(stored, _origin(parts), _site(parts.scheme, parts.hostname))
+
+
+def _ascii_host(host: str) -> str:
+    """Lower case, no trailing dot, IDN labels in their ``xn--`` form."""
+    host = host.rstrip(".")
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(frozen=True, slots=True)
+class UserAgent:
+    """What a user-agent string says about the browser and the OS."""
+
+    browser: str | None
+    browser_major: str | None
+    os: str | None
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_user_agent(user_agent: str) -> UserAgent:
+    """Browser family, major version and OS family, from the maintained uap-core rules."""
+    if not user_agent:
+        return UserAgent(None, None, None)
+    from ua_parser import parse  # deferred: loading the rules costs ~50 ms at first use
+
+    result = parse(user_agent[:2048])
+    browser = result.user_agent
+    os = result.os
+    return UserAgent(
+        browser.family if browser else None,
+        browser.major if browser else None,
+        os.family if os else None,
+    )

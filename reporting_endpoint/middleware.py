@@ -1,0 +1,145 @@
+"""Pure ASGI middleware for the ingest routes: body-size limit while streaming, and CORS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reporting_endpoint.errors import RequestRejected, error_response
+
+Responder = Callable[[RequestRejected], Response]
+
+
+def _json_rejection(exc: RequestRejected) -> Response:
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class BodyLimitMiddleware:
+    """Refuses a body over ``max_bytes``: at once from Content-Length, else while it streams.
+
+    A streamed overflow surfaces as ``RequestRejected(413)`` from ``receive`` in the handler,
+    which answers in its own format; a declared overflow is answered here by ``respond``.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, respond: Responder = _json_rejection) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.respond = respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                problem = RequestRejected(
+                    400, "bad_content_length", "Content-Length is not a number"
+                )
+                await self.respond(problem)(scope, receive, send)
+                return
+            if int(declared) > limit:
+                problem = RequestRejected(
+                    413, "body_too_large", f"the body is larger than {limit} bytes"
+                )
+                await self.respond(problem)(scope, receive, send)
+                return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestRejected(
+                        413, "body_too_large", f"the body is larger than {limit} bytes"
+                    )
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class CORSMiddleware:
+    """CORS for a reporting endpoint, as Chromium's Reporting API needs it.
+
+    Chromium preflights a cross-origin endpoint and sends the report only if the answer is 2xx,
+    allows the origin and allows ``content-type``. With an allow-list, other origins are refused
+    outright (preflight and POST), so a report from an unlisted page is never stored.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        allow_origins: Iterable[str] = (),
+        max_age: int = 86400,
+        allow_methods: str = "POST, OPTIONS",
+    ) -> None:
+        self.app = app
+        self.allow_origins = frozenset(o.rstrip("/") for o in allow_origins)
+        self.any_origin = not self.allow_origins or "*" in self.allow_origins
+        self.max_age = str(max_age)
+        self.allow_methods = allow_methods
+
+    def _allow_origin(self, origin: bytes | None) -> bytes | None:
+        if self.any_origin:
+            return b"*"
+        if origin is not None and origin.decode("latin-1") in self.allow_origins:
+            return origin
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin = _header(scope, b"origin")
+        allowed = self._allow_origin(origin)
+        if scope["method"] == "OPTIONS":
+            await self._preflight(origin, allowed)(scope, receive, send)
+            return
+        if origin is not None and allowed is None:
+            refused = error_response(
+                403, "origin_not_allowed", "this origin may not send reports here"
+            )
+            await refused(scope, receive, send)
+            return
+        extra: list[tuple[bytes, bytes]] = []
+        if allowed is not None:
+            extra.append((b"access-control-allow-origin", allowed))
+        if not self.any_origin:
+            extra.append((b"vary", b"Origin"))
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    def _preflight(self, origin: bytes | None, allowed: bytes | None) -> Response:
+        if origin is not None and allowed is None:
+            return error_response(
+                403, "origin_not_allowed", "this origin may not send reports here"
+            )
+        headers = {
+            "Access-Control-Allow-Origin": (allowed or b"*").decode("latin-1"),
+            "Access-Control-Allow-Methods": self.allow_methods,
+            # Chromium asks for exactly this one; "*" would not cover credentialed requests.
+            "Access-Control-Allow-Headers": "content-type",
+            "Access-Control-Max-Age": self.max_age,
+            "Allow": self.allow_methods,
+        }
+        if not self.any_origin:
+            headers["Vary"] = "Origin"
+        return Response(status_code=204, headers=headers)

@@ -1,0 +1,100 @@
+"""Service settings: one frozen dataclass, read from the environment in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "REPORTING_ENDPOINT_"
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service can be told; every field is documented in README.md."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: Path = Path("reports.sqlite3")
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    # W3C uploads: Chromium batches at most 100 queued reports, so 1 MiB is generous.
+    max_body_bytes: int = 1 * MiB
+    max_reports_per_batch: int = 1000
+    # Reports waiting for the writer; past this the endpoint answers 503 + Retry-After.
+    queue_size: int = 20000
+    # Empty means "*": any page may report here. Otherwise only these origins.
+    cors_allow_origins: tuple[str, ...] = ()
+    cors_max_age: int = 86400
+    # Query strings and fragments often hold personal data, so they are dropped by default.
+    keep_url_query: bool = False
+    # FULL: a 2xx survives power loss too; NORMAL: survives a process crash only.
+    sqlite_synchronous: str = "FULL"
+    read_token: str | None = field(default=None, repr=False)
+    log_level: str = "info"
+    # One log line per request costs about a fifth of the ingest throughput.
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"port must be 1..65535, got {self.port}")
+        for name in ("max_body_bytes", "max_reports_per_batch", "queue_size"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if self.cors_max_age < 0:
+            raise SettingsError("cors_max_age must not be negative")
+        if self.sqlite_synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
+            raise SettingsError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise SettingsError("ssl_certfile and ssl_keyfile go together")
+
+    @property
+    def data_dir(self) -> Path:
+        """Folder beside the database for files that are not rows (minidumps)."""
+        return self.db.with_name(self.db.name + ".data")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from REPORTING_ENDPOINT_<NAME> variables, then explicit overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _convert(f.name, str(f.type), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _convert(name: str, type_name: str, raw: str) -> Any:
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "bool":
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(raw)
+        if type_name.startswith("Path"):
+            return Path(raw) if raw else None
+        if type_name.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if type_name.startswith("str | None"):
+            return raw or None
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}: cannot use {raw!r}") from exc

@@ -1,0 +1,223 @@
+"""SQLite backend: one writer task owns the only write connection and commits in groups."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosqlite
+
+from reporting_endpoint.records import NewReport
+from reporting_endpoint.storage.base import (
+    QueueFull,
+    StorageClosed,
+    StorageError,
+    StorageNotStarted,
+    WriterHealth,
+)
+from reporting_endpoint.storage.migrations import apply_migrations
+
+log = logging.getLogger("reporting_endpoint.storage")
+
+INSERT_REPORT = (
+    "INSERT INTO reports (received_at, generated_at, age, type, url, origin, site, user_agent,"
+    " browser, browser_major, os, reason, raw) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+# One transaction takes at most this many reports (bounds how long the inserts hold the loop).
+MAX_REPORTS_PER_COMMIT = 1000
+
+
+@dataclass(slots=True)
+class _Pending:
+    rows: list[tuple[object, ...]]
+    done: asyncio.Future[None] = field(repr=False)
+
+
+def open_connection(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
+    """A plain write connection with the pragmas every writer of this database uses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Used by the writer task on the loop and by the writer thread for COMMIT, never both at once.
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    configure(connection, synchronous)
+    return connection
+
+
+def configure(connection: sqlite3.Connection, synchronous: str = "FULL") -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    connection.execute("PRAGMA busy_timeout=5000")
+
+
+def migrate(path: Path) -> int:
+    """Create the database when missing and apply every migration."""
+    connection = open_connection(path)
+    try:
+        return apply_migrations(connection)
+    finally:
+        connection.close()
+
+
+class SQLiteStorage:
+    """Storage on one SQLite file in WAL mode.
+
+    Handlers call ``submit``; their rows wait in a bounded queue. The writer task takes all that
+    is queued, writes it in one ``BEGIN IMMEDIATE ... COMMIT`` and only then resolves every
+    waiting handler, so a 2xx always follows a commit. A failing group is retried one submission
+    at a time, so a poison row fails only its own request.
+    """
+
+    def __init__(self, path: Path, *, queue_size: int = 20000, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.queue_size = queue_size
+        self.synchronous = synchronous
+        self._pending: deque[_Pending] = deque()
+        self._pending_rows = 0
+        self._wakeup: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._write_conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.read_conn: aiosqlite.Connection | None = None
+        self._accepting = False
+        self._closing = False
+
+    async def start(self) -> None:
+        if self._writer is not None:
+            return
+        # The write connection lives on one thread of its own. A whole group is one hop to that
+        # thread and back; aiosqlite would make each statement a hop (three per group).
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reporting-endpoint-writer")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, migrate, self.path)
+        self._write_conn = await loop.run_in_executor(
+            self._executor, open_connection, self.path, self.synchronous
+        )
+        # Readers never share the write connection; this one cannot write at all.
+        self.read_conn = await aiosqlite.connect(
+            f"file:{self.path.resolve()}?mode=ro", uri=True, isolation_level=None
+        )
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._accepting = True
+        self._writer = asyncio.create_task(self._run(), name="reporting-endpoint-writer")
+
+    async def stop(self) -> None:
+        """Refuse new work, commit everything already queued, then close."""
+        if self._writer is None:
+            return
+        self._accepting = False
+        self._closing = True
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            await self._writer
+        finally:
+            self._writer = None
+            if self.read_conn is not None:
+                await self.read_conn.close()
+                self.read_conn = None
+            if self._write_conn is not None and self._executor is not None:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._write_conn.close
+                )
+                self._write_conn = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def health(self) -> WriterHealth:
+        alive = self._writer is not None and not self._writer.done() and self._accepting
+        return WriterHealth(alive, self._pending_rows, self.queue_size)
+
+    async def submit(self, reports: Sequence[NewReport]) -> None:
+        if not reports:
+            return
+        if not self._accepting:
+            raise StorageClosed() if self._closing else StorageNotStarted()
+        if self._pending_rows + len(reports) > self.queue_size:
+            raise QueueFull()
+        assert self._wakeup is not None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending([report.row() for report in reports], done))
+        self._pending_rows += len(reports)
+        self._wakeup.set()
+        # A client that hangs up cancels only this future; its rows are still written.
+        await done
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                group = self._take_group()
+                await self._commit_group(group)
+            if self._closing and not self._pending:
+                return
+
+    def _take_group(self) -> list[_Pending]:
+        group: list[_Pending] = []
+        rows = 0
+        while self._pending and (
+            not group or rows + len(self._pending[0].rows) <= MAX_REPORTS_PER_COMMIT
+        ):
+            item = self._pending.popleft()
+            group.append(item)
+            rows += len(item.rows)
+        self._pending_rows -= rows
+        return group
+
+    async def _commit_group(self, group: list[_Pending]) -> None:
+        rows = [row for item in group for row in item.rows]
+        try:
+            await self._write(rows)
+        except Exception as exc:
+            if len(group) == 1:
+                log.exception("write failed for %d report(s)", len(rows))
+                _resolve(group[0], exc)
+                return
+            for item in group:
+                try:
+                    await self._write(item.rows)
+                except Exception as item_exc:
+                    log.exception("write failed for %d report(s)", len(item.rows))
+                    _resolve(item, item_exc)
+                else:
+                    _resolve(item, None)
+            return
+        for item in group:
+            _resolve(item, None)
+
+    async def _write(self, rows: list[tuple[object, ...]]) -> None:
+        # The inserts run on the event loop: sqlite3 drops and retakes the GIL for every row,
+        # and on a thread each retake waits behind the busy loop (measured: 3 ms for 32 rows
+        # against 0.3 ms inline). COMMIT, which may fsync, goes to the writer thread.
+        connection = self._write_conn
+        assert connection is not None
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(INSERT_REPORT, rows)
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, connection.execute, "COMMIT"
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.execute("ROLLBACK")
+            raise
+
+
+def _resolve(item: _Pending, error: Exception | None) -> None:
+    if item.done.done():
+        return
+    if error is None:
+        item.done.set_result(None)
+    else:
+        failure = StorageError(str(error))
+        item.done.set_exception(failure)
