@@ -141,7 +141,8 @@ class SQLiteStorage:
             return
         if not self._accepting:
             raise StorageClosed() if self._closing else StorageNotStarted()
-        if self._pending_rows + len(reports) > self.queue_size:
+        # An empty queue takes any batch, so a batch larger than the queue is not refused forever.
+        if self._pending_rows and self._pending_rows + len(reports) > self.queue_size:
             raise QueueFull()
         assert self._wakeup is not None
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

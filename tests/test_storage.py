@@ -1,0 +1,144 @@
+"""The SQLite writer: group commit, bounded queue, drain on shutdown, poison rows."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from reporting_endpoint.records import NewReport
+from reporting_endpoint.storage import QueueFull, SQLiteStorage, StorageError, StorageNotStarted
+from reporting_endpoint.storage.migrations import migrations
+
+
+def report(n: int = 0, raw: object = None) -> NewReport:
+    return NewReport(
+        received_at=1_700_000_000_000 + n,
+        generated_at=1_700_000_000_000 + n - 5,
+        age=5,
+        type="crash",
+        url=f"https://a.example/{n}",
+        origin="https://a.example",
+        site="https://a.example",
+        user_agent="UA",
+        browser=None,
+        browser_major=None,
+        os=None,
+        reason=None,
+        raw=raw if raw is not None else "{}",  # type: ignore[arg-type]
+    )
+
+
+def count(db: Path) -> int:
+    return int(sqlite3.connect(db).execute("SELECT count(*) FROM reports").fetchone()[0])
+
+
+def test_concurrent_submits_share_commits_and_all_land(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+
+    async def scenario() -> None:
+        storage = SQLiteStorage(db)
+        await storage.start()
+        await asyncio.gather(*(storage.submit([report(i)]) for i in range(300)))
+        await storage.stop()
+
+    asyncio.run(scenario())
+    assert count(db) == 300
+    connection = sqlite3.connect(db)
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == len(migrations())
+
+
+def test_queue_full_is_refused_not_lost(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+
+    async def scenario() -> list[object]:
+        storage = SQLiteStorage(db, queue_size=2)
+        await storage.start()
+        results = await asyncio.gather(
+            storage.submit([report(1), report(2)]),
+            storage.submit([report(3)]),
+            return_exceptions=True,
+        )
+        await storage.stop()
+        return results
+
+    first, second = asyncio.run(scenario())
+    assert first is None
+    assert isinstance(second, QueueFull)
+    assert count(db) == 2
+
+
+def test_a_batch_larger_than_the_queue_still_fits_an_empty_queue(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+
+    async def scenario() -> None:
+        storage = SQLiteStorage(db, queue_size=1)
+        await storage.start()
+        await storage.submit([report(i) for i in range(5)])
+        await storage.stop()
+
+    asyncio.run(scenario())
+    assert count(db) == 5
+
+
+def test_stop_drains_everything_already_queued(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+
+    async def scenario() -> None:
+        storage = SQLiteStorage(db)
+        await storage.start()
+        waiting = [asyncio.create_task(storage.submit([report(i)])) for i in range(50)]
+        await asyncio.sleep(0)  # every submit is queued, none committed yet
+        await storage.stop()
+        await asyncio.gather(*waiting)
+        with pytest.raises(StorageError):
+            await storage.submit([report(99)])
+
+    asyncio.run(scenario())
+    assert count(db) == 50
+
+
+def test_not_started(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with pytest.raises(StorageNotStarted):
+            await SQLiteStorage(tmp_path / "r.sqlite3").submit([report()])
+
+    asyncio.run(scenario())
+
+
+def test_a_poison_row_fails_only_its_own_submit(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+
+    async def scenario() -> list[object]:
+        storage = SQLiteStorage(db)
+        await storage.start()
+        results = await asyncio.gather(
+            storage.submit([report(1)]),
+            storage.submit([report(2, raw=object())]),  # sqlite3 cannot bind it
+            storage.submit([report(3)]),
+            return_exceptions=True,
+        )
+        await storage.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], StorageError)
+    assert count(db) == 2
+
+
+def test_migrations_are_idempotent(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+
+    async def start_stop() -> None:
+        storage = SQLiteStorage(db)
+        await storage.start()
+        await storage.submit([report()])
+        await storage.stop()
+
+    asyncio.run(start_stop())
+    asyncio.run(start_stop())
+    assert count(db) == 2
