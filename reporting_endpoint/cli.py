@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )
-    app = create_app(settings)
+    app = create_app(settings, tune_gc=True)
     uvicorn.run(
         app,
         host=settings.host,
