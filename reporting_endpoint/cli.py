@@ -1,4 +1,4 @@
-"""Command line: ``serve`` and ``export``, thin wrappers over the modules that do the work."""
+"""Command line: serve, export, header: thin wrappers over the modules that do the work."""
 
 from __future__ import annotations
 
@@ -54,6 +54,28 @@ def _export(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _header(args: argparse.Namespace, out: TextIO) -> int:
+    from reporting_endpoint.headers import HeaderError, HeaderOptions, build_headers, render
+
+    try:
+        options = HeaderOptions(
+            url=args.url,
+            max_age=args.max_age,
+            include_subdomains=args.include_subdomains,
+            crash_reporting=not args.no_crash_reporting,
+            nel=args.nel,
+            success_fraction=args.success_fraction,
+            failure_fraction=args.failure_fraction,
+            js_stacks=args.js_stacks,
+            allow_insecure=args.allow_insecure,
+        )
+    except HeaderError as exc:
+        print(f"reporting-endpoint header: {exc}", file=sys.stderr)
+        return 2
+    out.write(render(build_headers(options), args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reporting-endpoint",
@@ -71,6 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write every stored report as JSON lines")
     export.add_argument("--db", type=Path, help="SQLite file to read")
+
+    header = commands.add_parser(
+        "header", help="print the headers that make browsers report to the service"
+    )
+    header.add_argument("--url", required=True, help="the endpoint, e.g. https://r.example/reports")
+    header.add_argument("--max-age", type=int, default=86400, help="seconds (Report-To, NEL)")
+    header.add_argument("--include-subdomains", action="store_true")
+    header.add_argument(
+        "--no-crash-reporting", action="store_true", help="omit the crash-reporting endpoint name"
+    )
+    header.add_argument("--nel", action="store_true", help="add a Network Error Logging policy")
+    header.add_argument("--success-fraction", type=float, default=0.0, help="NEL, 0..1")
+    header.add_argument("--failure-fraction", type=float, default=1.0, help="NEL, 0..1")
+    header.add_argument(
+        "--js-stacks",
+        action="store_true",
+        help="Document-Policy asking for JS stacks in unresponsive-page crash reports",
+    )
+    header.add_argument(
+        "--format", choices=["http", "json", "nginx", "caddy", "apache"], default="http"
+    )
+    header.add_argument(
+        "--allow-insecure", action="store_true", help="accept an http:// URL (local testing only)"
+    )
     return parser
 
 
@@ -82,6 +128,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _serve(args)
         if args.command == "export":
             return _export(args, stream)
+        if args.command == "header":
+            return _header(args, stream)
     except (SettingsError, FileNotFoundError) as exc:
         print(f"reporting-endpoint: {exc}", file=sys.stderr)
         return 2
