@@ -80,3 +80,13 @@ def post_reports(
 ) -> Any:
     body = reports if isinstance(reports, bytes) else json.dumps(reports).encode()
     return client.post("/reports", content=body, headers={"content-type": content_type})
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How long each real-browser scenario took (they are the slow part of the suite)."""
+    from tests import test_chromium
+
+    if test_chromium.TIMINGS:
+        terminalreporter.section("Chromium scenarios")
+        for name, seconds in test_chromium.TIMINGS.items():
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s")

@@ -24,7 +24,7 @@ def free_port() -> int:
 
 
 @dataclass(frozen=True)
-class TestCertificate:
+class TlsCertificate:
     ca_file: Path
     cert_file: Path
     key_file: Path
@@ -34,7 +34,7 @@ class TestCertificate:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
 
-def make_certificate(folder: Path) -> TestCertificate:
+def make_certificate(folder: Path) -> TlsCertificate:
     """A CA and a leaf for 127.0.0.1 and localhost, written as PEM files."""
     import base64
     import hashlib
@@ -54,7 +54,7 @@ def make_certificate(folder: Path) -> TestCertificate:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     spki_hash = base64.b64encode(hashlib.sha256(spki).digest()).decode()
-    return TestCertificate(ca_file, cert_file, key_file, spki_hash)
+    return TlsCertificate(ca_file, cert_file, key_file, spki_hash)
 
 
 def wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -83,7 +83,7 @@ class RunningServer:
 
 def start_service(
     db: Path,
-    certificate: TestCertificate | None = None,
+    certificate: TlsCertificate | None = None,
     env: dict[str, str] | None = None,
     port: int | None = None,
 ) -> RunningServer:
@@ -119,7 +119,7 @@ def stop(server: RunningServer, timeout: float = 30) -> int:
 
 @contextmanager
 def running_service(
-    db: Path, certificate: TestCertificate | None = None, env: dict[str, str] | None = None
+    db: Path, certificate: TlsCertificate | None = None, env: dict[str, str] | None = None
 ) -> Iterator[RunningServer]:
     server = start_service(db, certificate, env)
     try:
