@@ -1,4 +1,4 @@
-"""Command line: serve, export, header: thin wrappers over the modules that do the work."""
+"""Command line: serve, export, stats, prune, header: thin wrappers over the working modules."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from reporting_endpoint.settings import ENV_PREFIX, Settings, SettingsError
 
@@ -38,20 +38,115 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filters(args: argparse.Namespace) -> Any:
+    from reporting_endpoint.queries import DIMENSIONS, Filters
+
+    params = {name: getattr(args, name) for name in DIMENSIONS if getattr(args, name) is not None}
+    if args.since:
+        params["since"] = args.since
+    if args.until:
+        params["until"] = args.until
+    return Filters.parse(params)
+
+
+CSV_COLUMNS = (
+    "id", "received_at", "generated_at", "type", "url", "user_agent", "age", "origin", "site",
+    "browser", "browser_major", "os", "reason", "body",
+)  # fmt: skip
+
+
 def _export(args: argparse.Namespace, out: TextIO) -> int:
+    import csv
+
     import orjson
 
     from reporting_endpoint.queries import iter_reports, open_readonly
 
     settings = Settings.from_env(db=args.db)
+    filters = _filters(args)
     connection = open_readonly(settings.db)
     try:
-        for report in iter_reports(connection):
-            out.write(orjson.dumps(report).decode())
-            out.write("\n")
+        if args.format == "csv":
+            writer = csv.writer(out)
+            writer.writerow(CSV_COLUMNS)
+            for report in iter_reports(connection, filters):
+                report["body"] = orjson.dumps(report["body"]).decode()
+                writer.writerow([report[name] for name in CSV_COLUMNS])
+        else:
+            for report in iter_reports(connection, filters):
+                out.write(orjson.dumps(report).decode())
+                out.write("\n")
     finally:
         connection.close()
     return 0
+
+
+def _stats(args: argparse.Namespace, out: TextIO) -> int:
+    import orjson
+
+    from reporting_endpoint.queries import (
+        group_rows,
+        groups_query,
+        open_readonly,
+        parse_by,
+        parse_limit,
+        run,
+    )
+
+    settings = Settings.from_env(db=args.db)
+    by = parse_by(args.by)
+    query = groups_query(by, _filters(args), parse_limit(str(args.limit)))
+    connection = open_readonly(settings.db)
+    try:
+        groups = group_rows(by, run(connection, query))
+    finally:
+        connection.close()
+    if args.json:
+        out.write(orjson.dumps({"by": list(by), "groups": groups}).decode() + "\n")
+        return 0
+    header = [*by, "count", "first_seen", "last_seen"]
+    table = [[str(g[name]) if g[name] is not None else "-" for name in header] for g in groups]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        out.write("\n")
+    if not groups:
+        out.write("(no reports match)\n")
+    return 0
+
+
+def _prune(args: argparse.Namespace, out: TextIO) -> int:
+    from reporting_endpoint.queries import parse_time
+    from reporting_endpoint.storage.rollups import prune
+    from reporting_endpoint.storage.sqlite import open_connection
+
+    settings = Settings.from_env(db=args.db)
+    if not settings.db.is_file():
+        raise FileNotFoundError(f"no database at {settings.db}")
+    cutoff = parse_time(args.older_than, "--older-than")
+    # A second writer beside a running service is safe: SQLite serialises the two transactions.
+    connection = open_connection(settings.db, settings.sqlite_synchronous)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = prune(connection, cutoff)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+    finally:
+        connection.close()
+    out.write(f"deleted {deleted} report(s) received before {args.older_than}\n")
+    return 0
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    filters = parser.add_argument_group("filters (exact match; times: 7d, 24h, 30m or ISO 8601)")
+    for name in ("type", "site", "origin", "browser", "browser_major", "os", "reason"):
+        filters.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    filters.add_argument("--user-agent", dest="user_agent")
+    filters.add_argument("--since", help="received at or after, e.g. 7d")
+    filters.add_argument("--until", help="received before")
 
 
 def _header(args: argparse.Namespace, out: TextIO) -> int:
@@ -91,8 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM)")
     serve.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
 
-    export = commands.add_parser("export", help="write every stored report as JSON lines")
+    export = commands.add_parser("export", help="write stored reports as JSON lines or CSV")
     export.add_argument("--db", type=Path, help="SQLite file to read")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    _add_filters(export)
+
+    stats = commands.add_parser("stats", help="count reports per group")
+    stats.add_argument("--db", type=Path, help="SQLite file to read")
+    stats.add_argument(
+        "--by",
+        default="type",
+        help="comma-separated: type, site, origin, "
+        "browser, browser_major, os, reason, user_agent (default type)",
+    )
+    stats.add_argument("--limit", type=int, default=50, help="most groups shown (default 50)")
+    stats.add_argument("--json", action="store_true", help="print JSON, as the API does")
+    _add_filters(stats)
+
+    prune = commands.add_parser("prune", help="delete reports older than a given age")
+    prune.add_argument("--db", type=Path, help="SQLite file")
+    prune.add_argument("--older-than", required=True, help="e.g. 30d, 12h, or an ISO 8601 time")
 
     header = commands.add_parser(
         "header", help="print the headers that make browsers report to the service"
@@ -130,8 +243,21 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _export(args, stream)
         if args.command == "header":
             return _header(args, stream)
+        if args.command == "stats":
+            return _stats(args, stream)
+        if args.command == "prune":
+            return _prune(args, stream)
     except (SettingsError, FileNotFoundError) as exc:
         print(f"reporting-endpoint: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`export | head`): not an error, and no traceback.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ValueError as exc:  # QueryError: a bad --by, --since, --limit ...
+        print(f"reporting-endpoint {args.command}: {exc}", file=sys.stderr)
         return 2
     return 2
 

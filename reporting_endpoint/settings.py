@@ -40,6 +40,8 @@ class Settings:
     # FULL: a 2xx survives power loss too; NORMAL: survives a process crash only.
     sqlite_synchronous: str = "FULL"
     read_token: str | None = field(default=None, repr=False)
+    # Reports older than this many days are deleted by the running service (hourly).
+    retention_days: int | None = None
     log_level: str = "info"
     # One log line per request costs about a fifth of the ingest throughput.
     access_log: bool = False
@@ -50,6 +52,8 @@ class Settings:
         for name in ("max_body_bytes", "max_reports_per_batch", "queue_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.retention_days is not None and self.retention_days < 1:
+            raise SettingsError("retention_days must be 1 or more (or unset to keep everything)")
         if self.cors_max_age < 0:
             raise SettingsError("cors_max_age must not be negative")
         if self.sqlite_synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
@@ -82,6 +86,8 @@ def _convert(name: str, type_name: str, raw: str) -> Any:
     try:
         if type_name == "int":
             return int(raw)
+        if type_name == "int | None":
+            return int(raw) if raw.strip() else None
         if type_name == "bool":
             lowered = raw.strip().lower()
             if lowered in {"1", "true", "yes", "on"}:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from reporting_endpoint.records import NewReport
 
@@ -34,6 +35,9 @@ class WriterHealth:
     queue_capacity: int
 
 
+T = TypeVar("T")
+
+
 class Storage(Protocol):
     """Durable report storage. ``submit`` returns only once the reports are committed."""
 
@@ -42,5 +46,9 @@ class Storage(Protocol):
     async def stop(self) -> None: ...
 
     async def submit(self, reports: Sequence[NewReport]) -> None: ...
+
+    async def run_job(self, job: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    async def read(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]: ...
 
     def health(self) -> WriterHealth: ...

@@ -7,10 +7,11 @@ import contextlib
 import logging
 import sqlite3
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -23,22 +24,27 @@ from reporting_endpoint.storage.base import (
     WriterHealth,
 )
 from reporting_endpoint.storage.migrations import apply_migrations
+from reporting_endpoint.storage.rollups import write_reports
 
 log = logging.getLogger("reporting_endpoint.storage")
 
-INSERT_REPORT = (
-    "INSERT INTO reports (received_at, generated_at, age, type, url, origin, site, user_agent,"
-    " browser, browser_major, os, reason, raw) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
-
 # One transaction takes at most this many reports (bounds how long the inserts hold the loop).
 MAX_REPORTS_PER_COMMIT = 1000
+
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
 class _Pending:
     rows: list[tuple[object, ...]]
     done: asyncio.Future[None] = field(repr=False)
+
+
+@dataclass(slots=True)
+class _Job:
+    run: Callable[[sqlite3.Connection], Any]
+    done: asyncio.Future[Any] = field(repr=False)
 
 
 def open_connection(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
@@ -79,6 +85,7 @@ class SQLiteStorage:
         self.queue_size = queue_size
         self.synchronous = synchronous
         self._pending: deque[_Pending] = deque()
+        self._jobs: deque[_Job] = deque()
         self._pending_rows = 0
         self._wakeup: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -152,16 +159,65 @@ class SQLiteStorage:
         # A client that hangs up cancels only this future; its rows are still written.
         await done
 
+    async def run_job(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``job`` on the write connection in a transaction of its own, between groups.
+
+        For maintenance (pruning): it goes through the writer, so it never contends with it.
+        """
+        if not self._accepting:
+            raise StorageClosed() if self._closing else StorageNotStarted()
+        assert self._wakeup is not None
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.append(_Job(job, done))
+        self._wakeup.set()
+        return await done
+
+    async def read(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query on the read-only connection (never the writer's)."""
+        if self.read_conn is None:
+            raise StorageNotStarted()
+        rows = await self.read_conn.execute_fetchall(sql, parameters)
+        return [tuple(row) for row in rows]
+
     async def _run(self) -> None:
         assert self._wakeup is not None
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._pending:
-                group = self._take_group()
-                await self._commit_group(group)
-            if self._closing and not self._pending:
+            while self._pending or self._jobs:
+                if self._jobs:
+                    await self._run_job(self._jobs.popleft())
+                if self._pending:
+                    await self._commit_group(self._take_group())
+            if self._closing and not self._pending and not self._jobs:
                 return
+
+    async def _run_job(self, job: _Job) -> None:
+        def in_transaction(connection: sqlite3.Connection) -> Any:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = job.run(connection)
+                connection.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    connection.execute("ROLLBACK")
+                raise
+            return result
+
+        connection = self._write_conn
+        assert connection is not None
+        try:
+            # Off the loop: a prune may touch many rows, and ingest must keep going meanwhile.
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, in_transaction, connection
+            )
+        except Exception as exc:
+            log.exception("maintenance job failed")
+            if not job.done.done():
+                job.done.set_exception(StorageError(str(exc)))
+        else:
+            if not job.done.done():
+                job.done.set_result(result)
 
     def _take_group(self) -> list[_Pending]:
         group: list[_Pending] = []
@@ -204,7 +260,7 @@ class SQLiteStorage:
         assert connection is not None
         connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.executemany(INSERT_REPORT, rows)
+            write_reports(connection, rows)
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, connection.execute, "COMMIT"
             )

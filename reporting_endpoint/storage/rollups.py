@@ -1,0 +1,133 @@
+"""Writes reports with their roll-up counters, and prunes both; plain sqlite3, no transactions."""
+
+from __future__ import annotations
+
+import operator
+import sqlite3
+from collections.abc import Sequence
+
+HOUR_MS = 3_600_000
+
+INSERT_REPORT = (
+    "INSERT INTO reports (received_at, generated_at, age, type, url, origin, site, user_agent,"
+    " browser, browser_major, os, reason, raw) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+# Group key columns, in this order everywhere below.
+KEYS = ("type", "site", "origin", "browser", "browser_major", "os", "reason", "user_agent")
+# Positions of those keys in a NewReport.row() tuple.
+_ROW_POSITIONS = (3, 6, 5, 8, 9, 10, 11, 7)
+_RECEIVED_AT = 0
+_group_key = operator.itemgetter(*_ROW_POSITIONS)
+
+_KEY_COLUMNS = ", ".join(KEYS)
+_MERGE = (
+    " ON CONFLICT DO UPDATE SET count = count + excluded.count,"
+    " first_seen = min(first_seen, excluded.first_seen),"
+    " last_seen = max(last_seen, excluded.last_seen)"
+)
+UPSERT_HOURLY = (
+    f"INSERT INTO report_groups_hourly (hour, {_KEY_COLUMNS}, count, first_seen, last_seen)"
+    f" VALUES ({', '.join('?' * (len(KEYS) + 4))}){_MERGE}"
+)
+# All-time roll-ups, from the finest to the coarsest; a query reads the smallest table that has
+# every column it groups or filters on.
+TOTAL_TABLES: dict[str, tuple[str, ...]] = {
+    "report_groups": KEYS,
+    "report_groups_site": ("type", "site", "browser", "reason"),
+}
+
+
+def _upsert_total(table: str, keys: tuple[str, ...]) -> str:
+    return (
+        f"INSERT INTO {table} ({', '.join(keys)}, count, first_seen, last_seen)"
+        f" VALUES ({', '.join('?' * (len(keys) + 3))}){_MERGE}"
+    )
+
+
+_TOTALS = [
+    (_upsert_total(table, keys), tuple(KEYS.index(k) for k in keys))
+    for table, keys in TOTAL_TABLES.items()
+]
+
+
+def table_for(columns: set[str]) -> str:
+    """The smallest all-time roll-up holding all of ``columns``."""
+    for table, keys in reversed(TOTAL_TABLES.items()):
+        if columns <= set(keys):
+            return table
+    return "report_groups"
+
+
+Delta = list[int]  # [count, first_seen, last_seen]
+
+
+def rollup(rows: Sequence[tuple[object, ...]]) -> dict[tuple[object, ...], Delta]:
+    """Per (hour, *keys): how many rows, first and last received time. Under load one group of
+    rows shares few keys, so this turns hundreds of inserts into a handful of upserts."""
+    deltas: dict[tuple[object, ...], Delta] = {}
+    for row in rows:
+        received: int = row[_RECEIVED_AT]  # type: ignore[assignment]
+        key = (received // HOUR_MS, *_group_key(row))
+        delta = deltas.get(key)
+        if delta is None:
+            deltas[key] = [1, received, received]
+        else:
+            delta[0] += 1
+            if received < delta[1]:
+                delta[1] = received
+            if received > delta[2]:
+                delta[2] = received
+    # None becomes '' only now, once per key rather than once per row.
+    return {tuple("" if v is None else v for v in key): delta for key, delta in deltas.items()}
+
+
+def write_reports(connection: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
+    """Insert the rows and bump their counters; the caller owns the transaction."""
+    connection.executemany(INSERT_REPORT, rows)
+    hourly = rollup(rows)
+    connection.executemany(UPSERT_HOURLY, [(*key, *delta) for key, delta in hourly.items()])
+    for upsert, positions in _TOTALS:
+        totals: dict[tuple[object, ...], Delta] = {}
+        for key, (count, first, last) in hourly.items():
+            projected = tuple(key[1 + i] for i in positions)
+            total = totals.get(projected)
+            if total is None:
+                totals[projected] = [count, first, last]
+            else:
+                total[0] += count
+                total[1] = min(total[1], first)
+                total[2] = max(total[2], last)
+        connection.executemany(upsert, [(*key, *delta) for key, delta in totals.items()])
+
+
+def prune(connection: sqlite3.Connection, older_than_ms: int) -> int:
+    """Delete reports received before ``older_than_ms`` and keep the counters exact.
+
+    Whole hours before the cut lose their roll-up rows; the hour the cut falls in is recounted
+    from the reports left; the all-time tables are rebuilt from the hourly one. The caller owns
+    the transaction. Returns how many reports were deleted.
+    """
+    deleted = connection.execute(
+        "DELETE FROM reports WHERE received_at < ?", (older_than_ms,)
+    ).rowcount
+    edge = older_than_ms // HOUR_MS
+    connection.execute("DELETE FROM report_groups_hourly WHERE hour <= ?", (edge,))
+    connection.execute(
+        f"INSERT INTO report_groups_hourly (hour, {_KEY_COLUMNS}, count, first_seen, last_seen)"
+        " SELECT received_at / 3600000, type, coalesce(site, ''), coalesce(origin, ''),"
+        " coalesce(browser, ''), coalesce(browser_major, ''), coalesce(os, ''),"
+        " coalesce(reason, ''), user_agent, count(*), min(received_at), max(received_at)"
+        " FROM reports WHERE received_at >= ? AND received_at < ?"
+        " GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9",
+        (edge * HOUR_MS, (edge + 1) * HOUR_MS),
+    )
+    for table, keys in TOTAL_TABLES.items():
+        columns = ", ".join(keys)
+        connection.execute(f"DELETE FROM {table}")
+        connection.execute(
+            f"INSERT INTO {table} ({columns}, count, first_seen, last_seen)"
+            f" SELECT {columns}, sum(count), min(first_seen), max(last_seen)"
+            f" FROM report_groups_hourly GROUP BY {columns}"
+        )
+    return int(deleted)

@@ -1,0 +1,215 @@
+"""The read API: token checks, groups, keyset pages, one report, time series, bad parameters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from starlette.testclient import TestClient
+
+import reporting_endpoint
+from reporting_endpoint.app import create_app
+from reporting_endpoint.settings import Settings
+from tests.conftest import crash_report
+
+TOKEN = "s3cret-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:145.0) Gecko/20100101 Firefox/145.0"
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(db=tmp_path / "r.sqlite3", read_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def send(client: TestClient, reports: list[dict[str, Any]]) -> None:
+    response = client.post(
+        "/reports",
+        content=json.dumps(reports),
+        headers={"content-type": "application/reports+json"},
+    )
+    assert response.json()["accepted"] == len(reports)
+
+
+def seed(client: TestClient) -> None:
+    send(
+        client,
+        [crash_report(url="https://a.example.co.uk/1", body={"reason": "oom"})] * 3
+        + [crash_report(url="https://b.example.co.uk/2", body={"reason": "unresponsive"})] * 2
+        + [crash_report(url="https://x.github.io/", user_agent=FIREFOX, body={})] * 4
+        + [crash_report(type="deprecation", url="https://y.github.io/", body={"id": "U"})],
+    )
+
+
+def test_no_token_configured_closes_the_api_and_says_how_to_open_it(client: TestClient) -> None:
+    response = client.get("/api/groups", headers=AUTH)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "read_api_disabled"
+    assert "REPORTING_ENDPOINT_READ_TOKEN" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": f"Basic {TOKEN}"},
+        {"authorization": f"Bearer {TOKEN}x"},
+        {"authorization": "Bearer"},
+    ],
+)
+def test_bad_tokens_are_refused(api: TestClient, headers: dict[str, str]) -> None:
+    response = api.get("/api/groups", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_token"
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_ingest_needs_no_token(api: TestClient) -> None:
+    send(api, [crash_report()])
+
+
+def test_groups_by_site_and_browser(api: TestClient) -> None:
+    seed(api)
+    groups = api.get("/api/groups?by=site,browser&type=crash", headers=AUTH).json()["groups"]
+    assert [(g["site"], g["browser"], g["count"]) for g in groups] == [
+        ("https://example.co.uk", "HeadlessChrome", 5),
+        ("https://x.github.io", "Firefox", 4),
+    ]
+    assert all(g["first_seen"] <= g["last_seen"] for g in groups)
+
+
+def test_groups_filters(api: TestClient) -> None:
+    seed(api)
+    oom = api.get("/api/groups?by=reason&reason=oom", headers=AUTH).json()["groups"]
+    assert [(g["reason"], g["count"]) for g in oom] == [("oom", 3)]
+    by_type = api.get("/api/groups?by=type", headers=AUTH).json()["groups"]
+    assert {g["type"]: g["count"] for g in by_type} == {"crash": 9, "deprecation": 1}
+    none_reason = api.get("/api/groups?by=reason&type=crash", headers=AUTH).json()["groups"]
+    assert {g["reason"]: g["count"] for g in none_reason} == {
+        "oom": 3,
+        "unresponsive": 2,
+        None: 4,
+    }
+    windowed = api.get("/api/groups?by=type&since=1h&until=2999-01-01", headers=AUTH).json()
+    assert {g["type"]: g["count"] for g in windowed["groups"]} == {"crash": 9, "deprecation": 1}
+    past = api.get("/api/groups?by=type&since=2000-01-01&until=2000-01-02", headers=AUTH).json()
+    assert past["groups"] == []
+    assert len(api.get("/api/groups?by=user_agent&limit=1", headers=AUTH).json()["groups"]) == 1
+
+
+def test_one_report_with_its_raw_json(api: TestClient) -> None:
+    send(api, [crash_report(body={"reason": "oom", "extra": {"k": 1}})])
+    page = api.get("/api/reports", headers=AUTH).json()
+    report_id = page["reports"][0]["id"]
+    report = api.get(f"/api/reports/{report_id}", headers=AUTH).json()
+    assert report["raw"]["body"] == {"reason": "oom", "extra": {"k": 1}}
+    assert report["raw"]["url"] == "https://shop.example.co.uk/cart"
+    assert report["reason"] == "oom"
+    missing = api.get("/api/reports/999999", headers=AUTH)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "report_not_found"
+    assert api.get("/api/reports/abc", headers=AUTH).json()["error"]["code"] == "invalid_id"
+
+
+def test_timeseries(api: TestClient) -> None:
+    seed(api)
+    for bucket in ("hour", "day"):
+        series = api.get(f"/api/timeseries?bucket={bucket}&by=reason&type=crash", headers=AUTH)
+        points = series.json()["series"]
+        assert sum(p["count"] for p in points) == 9
+        assert {p["reason"] for p in points} == {"oom", "unresponsive", None}
+        assert all(p["time"].endswith(":00:00.000Z") for p in points)
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/api/groups?by=nope", "invalid_by"),
+        ("/api/groups?by=site,site", "invalid_by"),
+        ("/api/groups?limit=0", "invalid_limit"),
+        ("/api/groups?limit=100000", "invalid_limit"),
+        ("/api/groups?limit=-1", "invalid_limit"),
+        ("/api/groups?since=yesterday", "invalid_time"),
+        ("/api/groups?since=2d&until=3d", "invalid_time"),
+        ("/api/groups?colour=red", "unknown_parameter"),
+        ("/api/groups?type=a&type=b", "repeated_parameter"),
+        ("/api/reports?cursor=!!!", "invalid_cursor"),
+        ("/api/reports?cursor=bm90LWEtY3Vyc29y", "invalid_cursor"),
+        ("/api/timeseries?bucket=week", "invalid_bucket"),
+        ("/api/reports/12345678901234567890", "invalid_id"),
+    ],
+)
+def test_bad_parameters_are_400_with_a_code(api: TestClient, path: str, code: str) -> None:
+    response = api.get(path, headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == code
+
+
+def test_pages_have_no_gaps_or_repeats_under_concurrent_inserts(tmp_path: Path) -> None:
+    settings = Settings(db=tmp_path / "r.sqlite3", read_token=TOKEN)
+    app = create_app(settings)
+
+    async def scenario() -> tuple[list[int], set[int]]:
+        transport = httpx2.ASGITransport(app=app)
+        async with (
+            reporting_endpoint.lifespan(app),
+            httpx2.AsyncClient(transport=transport, base_url="http://t") as client,
+        ):
+            for n in range(120):
+                await client.post(
+                    "/reports",
+                    content=json.dumps([crash_report(url=f"https://p.example/{n}")]),
+                    headers={"content-type": "application/reports+json"},
+                )
+            before = {r["id"] for r in await all_ids(client)}
+            seen: list[int] = []
+            cursor = None
+            while True:
+                query = "/api/reports?limit=7" + (f"&cursor={cursor}" if cursor else "")
+                page = (await client.get(query, headers=AUTH)).json()
+                seen.extend(r["id"] for r in page["reports"])
+                # Someone reports between every page.
+                await client.post(
+                    "/reports",
+                    content=json.dumps([crash_report(url="https://p.example/late")] * 3),
+                    headers={"content-type": "application/reports+json"},
+                )
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    return seen, before
+        raise AssertionError("unreachable")
+
+    async def all_ids(client: httpx2.AsyncClient) -> list[dict[str, Any]]:
+        page = await client.get("/api/reports?limit=1000", headers=AUTH)
+        return list(page.json()["reports"])
+
+    seen, before = asyncio.run(scenario())
+    assert len(seen) == len(set(seen)), "a report appeared on two pages"
+    assert before <= set(seen), "a report that existed before paging was skipped"
+    assert seen == sorted(seen, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "by", ["site", "site,browser", "origin", "user_agent,reason", "browser_major,os", "type"]
+)
+def test_group_counts_match_the_reports_table(api: TestClient, tmp_path: Path, by: str) -> None:
+    """Whichever roll-up table answers, its counts are those of the rows themselves."""
+    seed(api)
+    seed(api)
+    connection = sqlite3.connect(tmp_path / "r.sqlite3")
+    expected = {
+        tuple(row[:-1]): row[-1]
+        for row in connection.execute(f"SELECT {by}, count(*) FROM reports GROUP BY {by}")
+    }
+    groups = api.get(f"/api/groups?by={by}", headers=AUTH).json()["groups"]
+    names = by.split(",")
+    assert {tuple(g[n] for n in names): g["count"] for g in groups} == expected
