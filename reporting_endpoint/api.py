@@ -1,4 +1,4 @@
-"""Read-only JSON API under /api, behind a bearer token: groups, reports, time series."""
+"""Read-only JSON API under /api, behind a bearer token: groups, reports, crashes, series."""
 
 from __future__ import annotations
 
@@ -7,14 +7,23 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from reporting_endpoint.blobs import BlobStore
 from reporting_endpoint.errors import RequestRejected, error_response
 from reporting_endpoint.queries import (
+    CRASH_DEFAULT_BY,
+    CRASH_DIMENSIONS,
+    DIMENSIONS,
     Filters,
     QueryError,
+    crash_groups_query,
+    crash_page,
+    crash_query,
+    crash_row_to_dict,
+    crashes_query,
     group_rows,
     groups_query,
     parse_by,
@@ -29,8 +38,10 @@ from reporting_endpoint.queries import (
 from reporting_endpoint.storage.base import Storage, StorageError
 
 _COMMON = {"type", "site", "origin", "browser", "browser_major", "os", "reason", "user_agent"}
+_CRASH = set(CRASH_DIMENSIONS)
 ALLOWED_PARAMETERS = {
-    "groups": _COMMON | {"by", "since", "until", "limit"},
+    "groups": _COMMON | _CRASH | {"by", "since", "until", "limit", "source"},
+    "crashes": _CRASH | {"since", "until", "limit", "cursor"},
     "reports": _COMMON | {"since", "until", "limit", "cursor"},
     "timeseries": _COMMON | {"by", "since", "until", "bucket"},
 }
@@ -94,8 +105,9 @@ def _params(request: Request, endpoint: str) -> dict[str, str]:
 class ReadApi:
     """The endpoints; every query goes through the storage's read-only connection."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, blobs: BlobStore) -> None:
         self.storage = storage
+        self.blobs = blobs
 
     async def _read(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]:
         try:
@@ -106,13 +118,61 @@ class ReadApi:
     async def groups(self, request: Request) -> Response:
         try:
             params = _params(request, "groups")
-            by = parse_by(params.get("by"))
-            filters = Filters.parse(params)
-            query = groups_query(by, filters, parse_limit(params.get("limit")))
+            source = params.pop("source", "reports")
+            limit = parse_limit(params.get("limit"))
+            if source not in {"reports", "crashes"}:
+                raise QueryError("invalid_source", "source is reports or crashes")
+            dimensions = CRASH_DIMENSIONS if source == "crashes" else DIMENSIONS
+            stray = set(params) - {"by", "since", "until", "limit"} - set(dimensions)
+            if stray:
+                raise QueryError("unknown_parameter", f"{source} has no {sorted(stray)[0]!r}")
+            if source == "crashes":
+                by = parse_by(params.get("by"), CRASH_DEFAULT_BY, CRASH_DIMENSIONS)
+                filters = Filters.parse(params, dimensions=CRASH_DIMENSIONS)
+                query = crash_groups_query(by, filters, limit)
+            else:
+                by = parse_by(params.get("by"))
+                filters = Filters.parse(params)
+                query = groups_query(by, filters, limit)
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
         rows = await self._read(query.sql, query.parameters)
-        return _json({"by": list(by), "groups": group_rows(by, rows)})
+        return _json({"source": source, "by": list(by), "groups": group_rows(by, rows)})
+
+    async def crashes(self, request: Request) -> Response:
+        try:
+            params = _params(request, "crashes")
+            limit = parse_limit(params.get("limit"))
+            filters = Filters.parse(params, dimensions=CRASH_DIMENSIONS)
+            query = crashes_query(filters, limit, params.get("cursor"))
+        except QueryError as exc:
+            raise RequestRejected(400, exc.code, exc.message) from None
+        rows = await self._read(query.sql, query.parameters)
+        return _json(crash_page(rows, limit))
+
+    async def _crash_row(self, request: Request) -> tuple[Any, ...]:
+        crash_id = request.path_params["crash_id"]
+        if not (len(crash_id) == 32 and all(c in "0123456789abcdef" for c in crash_id)):
+            raise RequestRejected(400, "invalid_id", "a crash id is 32 hex digits")
+        query = crash_query(crash_id)
+        rows = await self._read(query.sql, query.parameters)
+        if not rows:
+            raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
+        return rows[0]
+
+    async def crash(self, request: Request) -> Response:
+        return _json(crash_row_to_dict(await self._crash_row(request)))
+
+    async def minidump(self, request: Request) -> Response:
+        row = await self._crash_row(request)
+        path = self.blobs.open_path(row[12])  # dump_path: a hash path the service made
+        if not path.is_file():
+            raise RequestRejected(404, "minidump_missing", "the dump file is gone")
+        return FileResponse(
+            path,
+            media_type="application/octet-stream",
+            filename=f"{row[0]}.dmp",
+        )
 
     async def reports(self, request: Request) -> Response:
         try:
@@ -151,4 +211,7 @@ class ReadApi:
             Route("/reports", self.reports, methods=["GET"]),
             Route("/reports/{report_id}", self.report, methods=["GET"]),
             Route("/timeseries", self.timeseries, methods=["GET"]),
+            Route("/crashes", self.crashes, methods=["GET"]),
+            Route("/crashes/{crash_id}", self.crash, methods=["GET"]),
+            Route("/crashes/{crash_id}/minidump", self.minidump, methods=["GET"]),
         ]

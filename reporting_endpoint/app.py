@@ -12,7 +12,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route
 
+from reporting_endpoint.analysis import DumpAnalyzer
 from reporting_endpoint.api import BearerTokenMiddleware, ReadApi
+from reporting_endpoint.blobs import BlobStore
+from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
 from reporting_endpoint.errors import EXCEPTION_HANDLERS
 from reporting_endpoint.grouping import warm_up
 from reporting_endpoint.health import HealthEndpoint
@@ -25,11 +28,15 @@ from reporting_endpoint.validation import default_validator
 
 
 def service_lifespan(
-    storage: Storage, retention_days: int | None = None, tune_gc: bool = False
+    storage: Storage,
+    analyzer: DumpAnalyzer,
+    retention_days: int | None = None,
+    tune_gc: bool = False,
 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await storage.start()
+        await analyzer.start()
         await asyncio.to_thread(warm_up)
         if tune_gc:
             # Everything loaded so far lives as long as the process: moving it out of the
@@ -45,14 +52,16 @@ def service_lifespan(
                 pruner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pruner
+            await analyzer.stop()
             # Drains the queue: every report already accepted is committed before exit.
             await storage.stop()
 
     return lifespan
 
 
-def routes(settings: Settings, storage: Storage) -> list[BaseRoute]:
+def routes(settings: Settings, storage: Storage, analyzer: DumpAnalyzer) -> list[BaseRoute]:
     reports = ReportsEndpoint(settings, default_validator(), storage)
+    crashpad = CrashpadEndpoint(settings, storage, analyzer.blobs, analyzer.submit)
     health = HealthEndpoint(storage)
     ingest_middleware = [
         Middleware(
@@ -64,10 +73,22 @@ def routes(settings: Settings, storage: Storage) -> list[BaseRoute]:
     ]
     return [
         Route("/reports", reports, methods=["POST", "OPTIONS"], middleware=ingest_middleware),
+        Route(
+            "/crashpad",
+            crashpad,
+            methods=["POST"],
+            middleware=[
+                Middleware(
+                    BodyLimitMiddleware,
+                    max_bytes=settings.crashpad_max_body_bytes,
+                    respond=discarded,
+                )
+            ],
+        ),
         Route("/healthz", health.handle, methods=["GET"]),
         Mount(
             "/api",
-            routes=ReadApi(storage).routes(),
+            routes=ReadApi(storage, analyzer.blobs).routes(),
             middleware=[Middleware(BearerTokenMiddleware, token=settings.read_token)],
         ),
     ]
@@ -85,13 +106,15 @@ def create_app(
     storage = storage or SQLiteStorage(
         settings.db, queue_size=settings.queue_size, synchronous=settings.sqlite_synchronous
     )
+    analyzer = DumpAnalyzer(storage, BlobStore(settings.data_dir))
     app = Starlette(
-        routes=routes(settings, storage),
+        routes=routes(settings, storage, analyzer),
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=service_lifespan(storage, settings.retention_days, tune_gc),
+        lifespan=service_lifespan(storage, analyzer, settings.retention_days, tune_gc),
     )
     app.state.settings = settings
     app.state.storage = storage
+    app.state.analyzer = analyzer
     return app
 
 

@@ -39,14 +39,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _filters(args: argparse.Namespace) -> Any:
-    from reporting_endpoint.queries import DIMENSIONS, Filters
+    from reporting_endpoint.queries import CRASH_DIMENSIONS, DIMENSIONS, Filters
 
-    params = {name: getattr(args, name) for name in DIMENSIONS if getattr(args, name) is not None}
+    dimensions = CRASH_DIMENSIONS if args.source == "crashes" else DIMENSIONS
+    params = {
+        name: getattr(args, name)
+        for name in (*DIMENSIONS, *CRASH_DIMENSIONS)
+        if getattr(args, name, None) is not None
+    }
+    stray = set(params) - set(dimensions)
+    if stray:
+        raise ValueError(f"--{sorted(stray)[0].replace('_', '-')} does not apply to {args.source}")
     if args.since:
         params["since"] = args.since
     if args.until:
         params["until"] = args.until
-    return Filters.parse(params)
+    return Filters.parse(params, dimensions=dimensions)
 
 
 CSV_COLUMNS = (
@@ -60,13 +68,19 @@ def _export(args: argparse.Namespace, out: TextIO) -> int:
 
     import orjson
 
-    from reporting_endpoint.queries import iter_reports, open_readonly
+    from reporting_endpoint.queries import iter_crashes, iter_reports, open_readonly
 
     settings = Settings.from_env(db=args.db)
     filters = _filters(args)
     connection = open_readonly(settings.db)
     try:
-        if args.format == "csv":
+        if args.source == "crashes":
+            if args.format == "csv":
+                raise ValueError("crashes export as jsonl only (they carry nested annotations)")
+            for crash in iter_crashes(connection, filters):
+                out.write(orjson.dumps(crash).decode())
+                out.write("\n")
+        elif args.format == "csv":
             writer = csv.writer(out)
             writer.writerow(CSV_COLUMNS)
             for report in iter_reports(connection, filters):
@@ -85,6 +99,9 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
     import orjson
 
     from reporting_endpoint.queries import (
+        CRASH_DEFAULT_BY,
+        CRASH_DIMENSIONS,
+        crash_groups_query,
         group_rows,
         groups_query,
         open_readonly,
@@ -94,15 +111,21 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
     )
 
     settings = Settings.from_env(db=args.db)
-    by = parse_by(args.by)
-    query = groups_query(by, _filters(args), parse_limit(str(args.limit)))
+    limit = parse_limit(str(args.limit))
+    if args.source == "crashes":
+        by = parse_by(args.by, CRASH_DEFAULT_BY, CRASH_DIMENSIONS)
+        query = crash_groups_query(by, _filters(args), limit)
+    else:
+        by = parse_by(args.by)
+        query = groups_query(by, _filters(args), limit)
     connection = open_readonly(settings.db)
     try:
         groups = group_rows(by, run(connection, query))
     finally:
         connection.close()
     if args.json:
-        out.write(orjson.dumps({"by": list(by), "groups": groups}).decode() + "\n")
+        data = {"source": args.source, "by": list(by), "groups": groups}
+        out.write(orjson.dumps(data).decode() + "\n")
         return 0
     header = [*by, "count", "first_seen", "last_seen"]
     table = [[str(g[name]) if g[name] is not None else "-" for name in header] for g in groups]
@@ -141,9 +164,20 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source",
+        choices=["reports", "crashes"],
+        default="reports",
+        help="browser reports (default) or Crashpad minidump uploads",
+    )
     filters = parser.add_argument_group("filters (exact match; times: 7d, 24h, 30m or ISO 8601)")
     for name in ("type", "site", "origin", "browser", "browser_major", "os", "reason"):
         filters.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    for name in (
+        "product", "version", "platform", "process_type", "signature", "cpu",
+        "exception_name", "electron_version", "main_module", "crash_module", "parse_status",
+    ):  # fmt: skip
+        filters.add_argument(f"--{name.replace('_', '-')}", dest=name, help="crashes only")
     filters.add_argument("--user-agent", dest="user_agent")
     filters.add_argument("--since", help="received at or after, e.g. 7d")
     filters.add_argument("--until", help="received before")
@@ -195,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--db", type=Path, help="SQLite file to read")
     stats.add_argument(
         "--by",
-        default="type",
-        help="comma-separated: type, site, origin, "
-        "browser, browser_major, os, reason, user_agent (default type)",
+        help="comma-separated; reports: type, site, origin, browser, browser_major, os, reason,"
+        " user_agent (default type); crashes: product, version, platform, process_type,"
+        " signature, os, cpu, ... (default product,version,platform,process_type,signature)",
     )
     stats.add_argument("--limit", type=int, default=50, help="most groups shown (default 50)")
     stats.add_argument("--json", action="store_true", help="print JSON, as the API does")

@@ -75,15 +75,19 @@ def parse_limit(value: str | None, default: int = DEFAULT_LIMIT, maximum: int = 
     return int(value)
 
 
-def parse_by(value: str | None, default: Sequence[str] = ("type",)) -> tuple[str, ...]:
+def parse_by(
+    value: str | None,
+    default: Sequence[str] = ("type",),
+    dimensions: Sequence[str] = DIMENSIONS,
+) -> tuple[str, ...]:
     if value is None or not value.strip():
         return tuple(default)
     names = tuple(part.strip() for part in value.split(",") if part.strip())
-    unknown = [name for name in names if name not in DIMENSIONS]
+    unknown = [name for name in names if name not in dimensions]
     if unknown or not names or len(set(names)) != len(names):
         raise QueryError(
             "invalid_by",
-            f"by takes distinct names among {', '.join(DIMENSIONS)}; got {value!r}",
+            f"by takes distinct names among {', '.join(dimensions)}; got {value!r}",
         )
     return names
 
@@ -97,8 +101,13 @@ class Filters:
     until: int | None = None
 
     @classmethod
-    def parse(cls, params: Mapping[str, str], now: int | None = None) -> Filters:
-        equal = tuple((name, params[name]) for name in DIMENSIONS if name in params)
+    def parse(
+        cls,
+        params: Mapping[str, str],
+        now: int | None = None,
+        dimensions: Sequence[str] = DIMENSIONS,
+    ) -> Filters:
+        equal = tuple((name, params[name]) for name in dimensions if name in params)
         since = parse_time(params["since"], "since", now) if params.get("since") else None
         until = parse_time(params["until"], "until", now) if params.get("until") else None
         if since is not None and until is not None and since >= until:
@@ -291,3 +300,101 @@ def iter_reports(
         for row in rows:
             yield report_row_to_dict(row)
         last_id = rows[-1][0]
+
+
+# Crashpad uploads: few enough to group straight from their table (indexed on the usual key).
+CRASH_DIMENSIONS = (
+    "product", "version", "platform", "process_type", "signature", "os", "cpu",
+    "exception_name", "electron_version", "main_module", "crash_module", "parse_status",
+)  # fmt: skip
+CRASH_DEFAULT_BY = ("product", "version", "platform", "process_type", "signature")
+CRASH_COLUMNS = (
+    "id, received_at, product, version, guid, platform, process_type, electron_version,"
+    " annotations, query, dump_sha256, dump_size, dump_path, attachments, upload_bytes,"
+    " parse_status, parse_error, os, os_version, cpu, exception_code, exception_name,"
+    " crash_address, crashing_thread, main_module, main_module_version, crash_module,"
+    " crash_offset, signature"
+)
+_CRASH_NAMES = tuple(name.strip() for name in CRASH_COLUMNS.split(","))
+
+
+def _crash_where(filters: Filters) -> tuple[list[str], list[object]]:
+    clauses = [f"{name} IS ?" for name, _ in filters.equal]
+    parameters: list[object] = [value for _, value in filters.equal]
+    if filters.since is not None:
+        clauses.append("received_at >= ?")
+        parameters.append(filters.since)
+    if filters.until is not None:
+        clauses.append("received_at < ?")
+        parameters.append(filters.until)
+    return clauses, parameters
+
+
+def crash_groups_query(by: Sequence[str], filters: Filters, limit: int) -> Query:
+    clauses, parameters = _crash_where(filters)
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    columns = ", ".join(by)
+    sql = (
+        f"SELECT {columns}, count(*) AS n, min(received_at), max(received_at) FROM crashes{where}"
+        f" GROUP BY {columns} ORDER BY n DESC, {columns} LIMIT ?"
+    )
+    return Query(sql, (*parameters, limit))
+
+
+def crashes_query(filters: Filters, limit: int, cursor: str | None = None) -> Query:
+    clauses, parameters = _crash_where(filters)
+    if cursor:
+        received_at, crash_id = decode_crash_cursor(cursor)
+        clauses.append("(received_at < ? OR (received_at = ? AND id < ?))")
+        parameters.extend([received_at, received_at, crash_id])
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    sql = f"SELECT {CRASH_COLUMNS} FROM crashes{where} ORDER BY received_at DESC, id DESC LIMIT ?"
+    return Query(sql, (*parameters, limit + 1))
+
+
+def decode_crash_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        received_at, crash_id = base64.urlsafe_b64decode(padded).decode().split(".")
+        return int(received_at), crash_id
+    except (ValueError, UnicodeDecodeError):
+        raise QueryError("invalid_cursor", "cursor is not one this service gave out") from None
+
+
+def crash_query(crash_id: str) -> Query:
+    return Query(f"SELECT {CRASH_COLUMNS} FROM crashes WHERE id = ?", (crash_id,))
+
+
+def crash_row_to_dict(row: Sequence[Any]) -> dict[str, Any]:
+    crash = dict(zip(_CRASH_NAMES, row, strict=True))
+    crash["received_at"] = iso_time(crash["received_at"])
+    for name in ("annotations", "query", "attachments"):
+        crash[name] = orjson.loads(crash[name])
+    for name in ("crash_address", "crash_offset", "exception_code"):
+        if crash[name] is not None:
+            crash[name + "_hex"] = f"0x{crash[name]:x}"
+    for attachment in crash["attachments"]:
+        attachment.pop("path", None)
+    crash.pop("dump_path")
+    return crash
+
+
+def crash_page(rows: Sequence[Sequence[Any]], limit: int) -> dict[str, Any]:
+    page = [crash_row_to_dict(row) for row in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = base64.urlsafe_b64encode(f"{last[1]}.{last[0]}".encode()).decode().rstrip("=")
+    return {"crashes": page, "next_cursor": next_cursor}
+
+
+def iter_crashes(
+    connection: sqlite3.Connection, filters: Filters | None = None
+) -> Iterator[dict[str, Any]]:
+    clauses, parameters = _crash_where(filters or Filters())
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    cursor = connection.execute(
+        f"SELECT {CRASH_COLUMNS} FROM crashes{where} ORDER BY received_at, id", parameters
+    )
+    for row in cursor:
+        yield crash_row_to_dict(row)

@@ -30,6 +30,12 @@ class Settings:
     # W3C uploads: Chromium batches at most 100 queued reports, so 1 MiB is generous.
     max_body_bytes: int = 1 * MiB
     max_reports_per_batch: int = 1000
+    # Crashpad uploads: the body as sent, the body once gunzipped (a gzip bomb stops here),
+    # the number of form parts, and the size of one text part (an annotation).
+    crashpad_max_body_bytes: int = 20 * MiB
+    crashpad_max_decompressed_bytes: int = 100 * MiB
+    crashpad_max_parts: int = 256
+    crashpad_max_field_bytes: int = 64 * 1024
     # Reports waiting for the writer; past this the endpoint answers 503 + Retry-After.
     queue_size: int = 20000
     # Empty means "*": any page may report here. Otherwise only these origins.
@@ -49,7 +55,15 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise SettingsError(f"port must be 1..65535, got {self.port}")
-        for name in ("max_body_bytes", "max_reports_per_batch", "queue_size"):
+        for name in (
+            "max_body_bytes",
+            "max_reports_per_batch",
+            "queue_size",
+            "crashpad_max_body_bytes",
+            "crashpad_max_decompressed_bytes",
+            "crashpad_max_parts",
+            "crashpad_max_field_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.retention_days is not None and self.retention_days < 1:

@@ -1,0 +1,81 @@
+"""Parses stored minidumps off the event loop and records their facts on the crash row."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from functools import partial
+
+from reporting_endpoint.blobs import BlobStore
+from reporting_endpoint.minidump import parse_dump
+from reporting_endpoint.storage.base import Storage, StorageError
+from reporting_endpoint.storage.crashes import record_facts, record_failure
+
+log = logging.getLogger("reporting_endpoint.analysis")
+
+QUEUE_SIZE = 10000
+
+
+class DumpAnalyzer:
+    """A background task: every stored dump is parsed once; a failure is recorded, the upload
+    itself is never touched. Rows still ``pending`` at start (the process died between the
+    answer and the parse) are picked up again."""
+
+    def __init__(self, storage: Storage, blobs: BlobStore) -> None:
+        self.storage = storage
+        self.blobs = blobs
+        self.queue: asyncio.Queue[tuple[str, str]] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def submit(self, crash_id: str, dump_path: str) -> None:
+        if self.queue is None:
+            return
+        with contextlib.suppress(asyncio.QueueFull):  # still 'pending': parsed at next start
+            self.queue.put_nowait((crash_id, dump_path))
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue(QUEUE_SIZE)
+        rows = await self.storage.read(
+            "SELECT id, dump_path FROM crashes WHERE parse_status = 'pending'"
+            " ORDER BY received_at LIMIT ?",
+            (QUEUE_SIZE,),
+        )
+        for crash_id, dump_path in rows:
+            self.submit(crash_id, dump_path)
+        self.task = asyncio.create_task(self._run(), name="reporting-endpoint-analyzer")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+    async def idle(self) -> None:
+        """Wait until everything submitted so far is parsed (for tests and shutdown)."""
+        if self.queue is not None:
+            await self.queue.join()
+
+    async def _run(self) -> None:
+        assert self.queue is not None
+        while True:
+            crash_id, dump_path = await self.queue.get()
+            try:
+                await self.analyse(crash_id, dump_path)
+            except StorageError:
+                log.exception("could not record the facts of crash %s", crash_id)
+            finally:
+                self.queue.task_done()
+
+    async def analyse(self, crash_id: str, dump_path: str) -> None:
+        try:
+            path = self.blobs.open_path(dump_path)
+            facts = await asyncio.to_thread(parse_dump, path)
+        except Exception as exc:
+            log.info("crash %s: dump not parsed: %s", crash_id, exc)
+            await self.storage.run_job(
+                partial(record_failure, crash_id=crash_id, error=f"{type(exc).__name__}: {exc}")
+            )
+            return
+        await self.storage.run_job(partial(record_facts, crash_id=crash_id, facts=facts.as_dict()))

@@ -1,0 +1,88 @@
+"""Content-addressed files for minidumps and attachments: sha256 paths, temp file then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    sha256: str
+    size: int
+    path: Path  # relative to the store's root; never built from anything a client sent
+
+
+class BlobWriter:
+    """A temp file being written: hashes and counts as it goes; ``head`` keeps the first bytes."""
+
+    def __init__(self, folder: Path) -> None:
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix="upload-", suffix=".part")
+        self.path = Path(name)
+        self.file = os.fdopen(descriptor, "wb")
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        if len(self.head) < 8:
+            self.head += data[: 8 - len(self.head)]
+        self.hash.update(data)
+        self.file.write(data)
+        self.size += len(data)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class BlobStore:
+    """Files under ``root/blobs/ab/abcdef...``; the same content is stored once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.tmp = root / "tmp"
+
+    def ensure(self) -> None:
+        # Dumps hold process memory: keep them readable by the service's user only.
+        for folder in (self.root, self.blobs, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def writer(self) -> BlobWriter:
+        self.ensure()
+        return BlobWriter(self.tmp)
+
+    def commit(self, writer: BlobWriter) -> StoredBlob:
+        """Make the temp file durable and move it to its content address (blocking: call it
+        off the event loop)."""
+        writer.file.flush()
+        os.fsync(writer.file.fileno())
+        writer.file.close()
+        digest = writer.hash.hexdigest()
+        relative = Path("blobs") / digest[:2] / digest
+        final = self.root / relative
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(writer.path, final)
+        _fsync_dir(final.parent)
+        return StoredBlob(digest, writer.size, relative)
+
+    def open_path(self, relative: str | Path) -> Path:
+        path = (self.root / relative).resolve()
+        if self.blobs.resolve() not in path.parents:
+            raise ValueError("not a blob path")
+        return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

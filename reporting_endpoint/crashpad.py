@@ -1,0 +1,328 @@
+"""Crashpad/Breakpad minidump uploads: de-gzip, stream the multipart form to files, commit, id."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qsl
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.types import Receive, Scope, Send
+
+from reporting_endpoint.blobs import BlobStore, BlobWriter, StoredBlob
+from reporting_endpoint.errors import RequestRejected
+from reporting_endpoint.settings import Settings
+from reporting_endpoint.storage.base import Storage, StorageError
+from reporting_endpoint.storage.crashes import NewCrash, insert_crash
+
+DUMP_FIELD = "upload_file_minidump"
+MINIDUMP_MAGIC = b"MDMP"
+GZIP_MAGIC = b"\x1f\x8b"
+CHUNK = 64 * 1024  # most bytes one decompress step may produce: bounds memory per upload
+MAX_QUERY_BYTES = 4096
+
+
+class UploadRejected(Exception):
+    """Why an upload was refused; answered as ``Discarded=<code>`` in text/plain."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+
+
+async def send_text(
+    send: Send, status: int, text: str, headers: dict[str, str] | None = None
+) -> None:
+    body = text.encode()
+    raw_headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def discarded(exc: RequestRejected) -> Any:
+    """BodyLimitMiddleware's answer in this endpoint's format."""
+    from starlette.responses import PlainTextResponse
+
+    code = "too_large" if exc.status == 413 else exc.code
+    return PlainTextResponse(f"Discarded={code}", status_code=exc.status)
+
+
+class _Form:
+    """python-multipart callbacks: text parts into a dict, file parts into temp files."""
+
+    def __init__(self, settings: Settings, blobs: BlobStore) -> None:
+        self.settings = settings
+        self.blobs = blobs
+        self.fields: dict[str, str] = {}
+        self.files: list[tuple[str, str, BlobWriter]] = []
+        self.parts = 0
+        self.ended = False
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._name = ""
+        self._filename: str | None = None
+        self._text = bytearray()
+        self._file: BlobWriter | None = None
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._header_name.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.settings.crashpad_max_parts:
+            raise UploadRejected(413, "too_many_parts")
+        self._headers = {}
+        self._name, self._filename, self._file = "", None, None
+        self._text = bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._header_name).lower()] = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._name = options.get(b"name", b"").decode("utf-8", "replace")[:256]
+        filename = options.get(b"filename")
+        if filename is not None:
+            self._filename = filename.decode("utf-8", "replace")[:256]
+            self._file = self.blobs.writer()
+            self.files.append((self._name, self._filename, self._file))
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._file is not None:
+            self._file.write(data[start:end])
+            return
+        self._text.extend(data[start:end])
+        if len(self._text) > self.settings.crashpad_max_field_bytes:
+            raise UploadRejected(413, "part_too_large")
+
+    def _part_end(self) -> None:
+        if self._file is None and self._name:
+            self.fields[self._name] = self._text.decode("utf-8", "replace")
+
+    def _end(self) -> None:
+        self.ended = True
+
+    def discard(self) -> None:
+        for _, _, writer in self.files:
+            writer.discard()
+
+
+class _Gunzip:
+    """Streaming gunzip that never produces more than ``limit`` bytes in all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+        while data and not self.inflater.eof:
+            try:
+                out = self.inflater.decompress(data, CHUNK)
+            except zlib.error:
+                raise UploadRejected(400, "bad_gzip") from None
+            self.total += len(out)
+            if self.total > self.limit:
+                raise UploadRejected(413, "too_large")
+            sink(out)
+            data = self.inflater.unconsumed_tail
+
+    @property
+    def complete(self) -> bool:
+        return self.inflater.eof
+
+
+def _pick(*values: str | None) -> str | None:
+    for value in values:
+        if value:
+            return value
+    return None
+
+
+class CrashpadEndpoint:
+    """``POST /crashpad``: answers 200 with the bare report id only once the row is committed.
+
+    Crashpad stores the answer's body as the report id the app sees, never retries a failed
+    upload, and on Linux counts only 200 as success: so every upload is treated as the only
+    copy, and every refusal is a 4xx with a reason.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        blobs: BlobStore,
+        on_stored: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.blobs = blobs
+        self.on_stored = on_stored
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            crash = await self.ingest(scope, receive)
+        except UploadRejected as exc:
+            await send_text(send, exc.status, f"Discarded={exc.code}")
+            return
+        except StorageError as exc:
+            await send_text(send, 503, f"Discarded={exc.code}", {"Retry-After": "60"})
+            return
+        await send_text(send, 200, crash.id)  # no trailing newline: it becomes the id verbatim
+        if self.on_stored is not None:
+            self.on_stored(crash.id, crash.dump_path)
+
+    async def ingest(self, scope: Scope, receive: Receive) -> NewCrash:
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        media_type, options = parse_options_header(headers.get(b"content-type", b""))
+        if media_type != b"multipart/form-data":
+            raise UploadRejected(415, "unsupported_media_type")
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise UploadRejected(400, "no_boundary")
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        if encoding not in {b"", b"identity", b"gzip", b"x-gzip"}:
+            raise UploadRejected(415, "unsupported_content_encoding")
+
+        form = _Form(self.settings, self.blobs)
+        stored: list[StoredBlob] = []
+        try:
+            upload_bytes = await self._read(receive, boundary, encoding, form)
+            crash = await self._store(scope, form, upload_bytes, stored)
+        except BaseException:
+            form.discard()
+            raise
+        return crash
+
+    async def _read(self, receive: Receive, boundary: bytes, encoding: bytes, form: _Form) -> int:
+        try:
+            parser = MultipartParser(boundary, callbacks=form.callbacks())  # type: ignore[arg-type]
+        except (ValueError, MultipartParseError):
+            raise UploadRejected(400, "no_boundary") from None
+        limit = self.settings.crashpad_max_decompressed_bytes
+        gunzip: _Gunzip | None = _Gunzip(limit) if encoding in {b"gzip", b"x-gzip"} else None
+        sniffed = gunzip is not None
+        head = b""
+        received = 0
+        plain_total = 0
+
+        def to_parser(data: bytes) -> None:
+            try:
+                parser.write(data)
+            except MultipartParseError:
+                raise UploadRejected(400, "bad_multipart") from None
+
+        while True:
+            try:
+                message = await receive()
+            except RequestRejected:
+                raise UploadRejected(413, "too_large") from None
+            if message["type"] == "http.disconnect":
+                raise UploadRejected(400, "truncated")
+            chunk: bytes = message.get("body", b"")
+            received += len(chunk)
+            more = message.get("more_body", False)
+            if not sniffed:
+                # Gzip is also recognised by its magic bytes (some clients omit the header).
+                head += chunk
+                if len(head) < 2 and more:
+                    continue
+                sniffed = True
+                if head[:2] == GZIP_MAGIC:
+                    gunzip = _Gunzip(limit)
+                chunk = head
+            if gunzip is not None:
+                gunzip.feed(chunk, to_parser)
+            elif chunk:
+                plain_total += len(chunk)
+                if plain_total > limit:
+                    raise UploadRejected(413, "too_large")
+                to_parser(chunk)
+            if not more:
+                break
+        if gunzip is not None and not gunzip.complete:
+            raise UploadRejected(400, "truncated")
+        try:
+            parser.finalize()
+        except MultipartParseError:
+            raise UploadRejected(400, "truncated") from None
+        if not form.ended:
+            raise UploadRejected(400, "truncated")
+        return received
+
+    async def _store(
+        self, scope: Scope, form: _Form, upload_bytes: int, stored: list[StoredBlob]
+    ) -> NewCrash:
+        dumps = [writer for name, _, writer in form.files if name == DUMP_FIELD]
+        if not dumps:
+            raise UploadRejected(400, "no_minidump")
+        dump_writer = dumps[0]
+        if dump_writer.head[:4] != MINIDUMP_MAGIC:
+            raise UploadRejected(400, "not_a_minidump")
+
+        def commit_all() -> list[StoredBlob]:
+            return [self.blobs.commit(writer) for _, _, writer in form.files]
+
+        # fsync and rename: blocking, so off the event loop.
+        blobs = await asyncio.to_thread(commit_all)
+        stored.extend(blobs)
+        dump_blob = blobs[[w for _, _, w in form.files].index(dump_writer)]
+        attachments = tuple(
+            {
+                "name": name,
+                "filename": filename,
+                "sha256": blob.sha256,
+                "size": blob.size,
+                "path": str(blob.path),
+            }
+            for (name, filename, writer), blob in zip(form.files, blobs, strict=True)
+            if writer is not dump_writer
+        )
+        raw_query = bytes(scope.get("query_string", b""))[:MAX_QUERY_BYTES]
+        query = dict(parse_qsl(raw_query.decode("utf-8", "replace")))
+        fields = form.fields
+        is_electron = fields.get("prod") == "Electron"
+        crash = NewCrash(
+            id=uuid.uuid4().hex,
+            received_at=time.time_ns() // 1_000_000,
+            # Electron: the app's own name and version, not Electron's ("prod"/"ver", which
+            # Crashpad also copies into the query string).
+            product=_pick(fields.get("_productName"), query.get("product"), fields.get("prod")),
+            version=_pick(fields.get("_version"), query.get("version"), fields.get("ver")),
+            guid=_pick(query.get("guid"), fields.get("guid")),
+            platform=_pick(fields.get("platform")),
+            process_type=_pick(fields.get("process_type"), fields.get("ptype")),
+            electron_version=fields.get("ver") if is_electron else None,
+            annotations=dict(fields),
+            query=query,
+            dump_sha256=dump_blob.sha256,
+            dump_size=dump_blob.size,
+            dump_path=str(dump_blob.path),
+            attachments=attachments,
+            upload_bytes=upload_bytes,
+        )
+        await self.storage.run_job(partial(insert_crash, crash=crash))
+        return crash
