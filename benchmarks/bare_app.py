@@ -11,4 +11,6 @@ async def sink(request: Request) -> Response:
     return Response(status_code=204)
 
 
-app = Starlette(routes=[Route("/reports", sink, methods=["POST"])])
+app = Starlette(
+    routes=[Route("/reports", sink, methods=["POST"]), Route("/crashpad", sink, methods=["POST"])]
+)

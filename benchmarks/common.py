@@ -25,6 +25,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,7 +99,14 @@ def _ms(value: str) -> float:
     return number * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def run_wrk(url: str, body: bytes, seconds: int, connections: int, content_type: str) -> WrkResult:
+def run_wrk(
+    url: str,
+    body: bytes,
+    seconds: int,
+    connections: int,
+    content_type: str,
+    headers: dict[str, str] | None = None,
+) -> WrkResult:
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -105,6 +120,7 @@ def run_wrk(url: str, body: bytes, seconds: int, connections: int, content_type:
             "wrk.body = f:read('*a')\n"
             "f:close()\n"
             f"wrk.headers['Content-Type'] = {content_type!r}\n"
+            + "".join(f"wrk.headers[{k!r}] = {v!r}\n" for k, v in (headers or {}).items())
         )
         out = subprocess.run(
             [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],

@@ -67,7 +67,7 @@ LINUX_SIGNALS = {
     13: "SIGPIPE", 14: "SIGALRM", 15: "SIGTERM", 16: "SIGSTKFLT", 31: "SIGSYS",
 }  # fmt: skip
 
-# Crashpad/Breakpad write an "exception" code of 0 for a dump requested without a crash.
+MAX_STREAMS = 4096
 MAX_PARSE_BYTES = 512 * 1024 * 1024
 
 
@@ -172,7 +172,21 @@ def _with_signature(facts: DumpFacts) -> DumpFacts:
     return replace(facts, signature=signature_of(facts))
 
 
+def _check_header(path: Path) -> None:
+    """Refuse a stream directory that does not fit the file before the library walks it (a
+    random header once sent it through millions of entries)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:4] != b"MDMP":
+        raise DumpParseError("not a minidump")
+    _, _, count, directory, _ = _HEADER.unpack(head)
+    if count > MAX_STREAMS or directory + count * _DIRECTORY.size > size:
+        raise DumpParseError("stream directory out of range")
+
+
 def _parse_with_library(path: Path) -> DumpFacts:
+    _check_header(path)
     from minidump.constants import MINIDUMP_STREAM_TYPE
     from minidump.minidumpfile import MinidumpFile
 
@@ -293,7 +307,7 @@ def _parse_headers(path: Path) -> DumpFacts:
     if len(data) < _HEADER.size or data[:4] != b"MDMP":
         raise DumpParseError("not a minidump")
     _, _, count, directory, _ = _HEADER.unpack_from(data)
-    if count > 4096 or directory + count * _DIRECTORY.size > len(data):
+    if count > MAX_STREAMS or directory + count * _DIRECTORY.size > len(data):
         raise DumpParseError("stream directory out of range")
     os = cpu = os_version = None
     code = address = thread = None
