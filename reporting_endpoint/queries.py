@@ -114,6 +114,18 @@ class Filters:
             raise QueryError("invalid_time", "since must be before until")
         return cls(equal, since, until)
 
+    def row_clauses(self) -> tuple[list[str], list[object]]:
+        """WHERE clauses and parameters for a table of rows (exact received times)."""
+        clauses = [f"{name} = ?" for name, _ in self.equal]
+        parameters: list[object] = [value for _, value in self.equal]
+        if self.since is not None:
+            clauses.append("received_at >= ?")
+            parameters.append(self.since)
+        if self.until is not None:
+            clauses.append("received_at < ?")
+            parameters.append(self.until)
+        return clauses, parameters
+
 
 @dataclass(frozen=True, slots=True)
 class Query:
@@ -208,17 +220,7 @@ def reports_query(filters: Filters, limit: int, cursor: str | None = None) -> Qu
     """Newest first; keyset-paginated on (received_at, id), so concurrent inserts (always newer
     than a cursor already given out) never shift a page: no gaps, no repeats. Fetches one extra
     row to tell whether there is a next page."""
-    clauses: list[str] = []
-    parameters: list[object] = []
-    for name, value in filters.equal:
-        clauses.append(f"{name} = ?")
-        parameters.append(value)
-    if filters.since is not None:
-        clauses.append("received_at >= ?")
-        parameters.append(filters.since)
-    if filters.until is not None:
-        clauses.append("received_at < ?")
-        parameters.append(filters.until)
+    clauses, parameters = filters.row_clauses()
     if cursor:
         received_at, report_id = decode_cursor(cursor)
         clauses.append("(received_at < ? OR (received_at = ? AND id < ?))")
@@ -281,15 +283,7 @@ def iter_reports(
     connection: sqlite3.Connection, filters: Filters | None = None, page_size: int = 1000
 ) -> Iterator[dict[str, Any]]:
     """Every matching report, oldest first, in keyset pages so memory stays flat."""
-    filters = filters or Filters()
-    clauses = [f"{name} = ?" for name, _ in filters.equal]
-    base: list[object] = [value for _, value in filters.equal]
-    if filters.since is not None:
-        clauses.append("received_at >= ?")
-        base.append(filters.since)
-    if filters.until is not None:
-        clauses.append("received_at < ?")
-        base.append(filters.until)
+    clauses, base = (filters or Filters()).row_clauses()
     clauses.append("id > ?")
     sql = f"SELECT {EXPORT_COLUMNS} FROM reports WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"
     last_id = 0
@@ -319,15 +313,7 @@ _CRASH_NAMES = tuple(name.strip() for name in CRASH_COLUMNS.split(","))
 
 
 def _crash_where(filters: Filters) -> tuple[list[str], list[object]]:
-    clauses = [f"{name} IS ?" for name, _ in filters.equal]
-    parameters: list[object] = [value for _, value in filters.equal]
-    if filters.since is not None:
-        clauses.append("received_at >= ?")
-        parameters.append(filters.since)
-    if filters.until is not None:
-        clauses.append("received_at < ?")
-        parameters.append(filters.until)
-    return clauses, parameters
+    return filters.row_clauses()
 
 
 def crash_groups_query(by: Sequence[str], filters: Filters, limit: int) -> Query:

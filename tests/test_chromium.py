@@ -115,26 +115,23 @@ def test_renderer_crash_is_stored(
     assert body["visibility_state"] == "visible"
 
 
-def test_page_declaring_only_default_still_delivers(
-    tmp_path: Path, certificate: TlsCertificate, chromium: Chromium
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param("default", id="only-default-endpoint"),
+        pytest.param("report-to", id="legacy-report-to"),
+    ],
+)
+def test_crash_delivered_without_a_crash_reporting_endpoint(
+    tmp_path: Path, certificate: TlsCertificate, chromium: Chromium, headers: str
 ) -> None:
+    """Without a crash-reporting endpoint Chromium sends crashes to default: a page naming only
+    default in Reporting-Endpoints, or only the legacy Report-To group."""
     with (
         service(tmp_path, certificate) as server,
         page_server(certificate, endpoint(server)) as origin,
     ):
-        crash_page(chromium, f"{origin}/page?ep=default")
-        rows = wait_for_reports(server.db, report_type="crash")
-    assert [r["url"] for r in rows] == [f"{origin}/page"]
-
-
-def test_legacy_report_to_delivers(
-    tmp_path: Path, certificate: TlsCertificate, chromium: Chromium
-) -> None:
-    with (
-        service(tmp_path, certificate) as server,
-        page_server(certificate, endpoint(server)) as origin,
-    ):
-        crash_page(chromium, f"{origin}/page?ep=report-to")
+        crash_page(chromium, f"{origin}/page?ep={headers}")
         rows = wait_for_reports(server.db, report_type="crash")
     assert [r["url"] for r in rows] == [f"{origin}/page"]
 
