@@ -35,6 +35,7 @@ class DumpAnalyzer:
             self.queue.put_nowait((crash_id, dump_path))
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.blobs.sweep)
         self.queue = asyncio.Queue(QUEUE_SIZE)
         rows = await self.storage.read(
             "SELECT id, dump_path FROM crashes WHERE parse_status = 'pending'"

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,20 @@ class BlobStore:
         # Dumps hold process memory: keep them readable by the service's user only.
         for folder in (self.root, self.blobs, self.tmp):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def sweep(self, older_than_seconds: float = 3600) -> int:
+        """Delete temp files a killed process left behind (never answered, so nothing is lost);
+        only old ones, in case another worker is writing into the same folder."""
+        if not self.tmp.is_dir():
+            return 0
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for leftover in self.tmp.glob("upload-*.part"):
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+                    removed += 1
+        return removed
 
     def writer(self) -> BlobWriter:
         self.ensure()

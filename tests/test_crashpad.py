@@ -332,3 +332,18 @@ def test_real_handler_dumps_a_live_process_with_annotations(tmp_path: Path, hand
     )
     assert (stored["os"], stored["cpu"], stored["exception_name"]) == ("Linux", "amd64", "SIGSEGV")
     assert stored["parse_status"] == "parsed"
+
+
+def test_temp_files_left_by_a_killed_process_are_swept(settings: Settings) -> None:
+    import os
+
+    tmp = settings.data_dir / "tmp"
+    tmp.mkdir(parents=True)
+    old, fresh = tmp / "upload-old.part", tmp / "upload-fresh.part"
+    old.write_bytes(b"MDMP half")
+    fresh.write_bytes(b"MDMP being written")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    with TestClient(create_app(settings)):
+        pass
+    assert not old.exists()
+    assert fresh.exists()
