@@ -213,3 +213,25 @@ def test_group_counts_match_the_reports_table(api: TestClient, tmp_path: Path, b
     groups = api.get(f"/api/groups?by={by}", headers=AUTH).json()["groups"]
     names = by.split(",")
     assert {tuple(g[n] for n in names): g["count"] for g in groups} == expected
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "since=0001-01-01T00:00:00%2B14:00",
+        "since=9999-12-31T23:59:59-14:00",
+        "since=999999w",
+        "limit=1" + "0" * 30,
+        "by=,,,",
+        "type=%00",
+        "cursor=" + "A" * 5000,
+        "since=2024-02-30",
+        "source=crashes&since=1d&by=os",
+    ],
+)
+@pytest.mark.parametrize("path", ["/api/groups", "/api/reports", "/api/timeseries", "/api/crashes"])
+def test_odd_parameters_never_cause_5xx(api: TestClient, path: str, query: str) -> None:
+    response = api.get(f"{path}?{query}", headers=AUTH)
+    assert response.status_code < 500
+    if response.status_code >= 400:
+        assert response.json()["error"]["code"]
