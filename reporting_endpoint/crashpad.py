@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from reporting_endpoint.blobs import BlobStore, BlobWriter, StoredBlob
@@ -50,10 +51,8 @@ async def send_text(
     await send({"type": "http.response.body", "body": body})
 
 
-def discarded(exc: RequestRejected) -> Any:
+def discarded(exc: RequestRejected) -> Response:
     """BodyLimitMiddleware's answer in this endpoint's format."""
-    from starlette.responses import PlainTextResponse
-
     code = "too_large" if exc.status == 413 else exc.code
     return PlainTextResponse(f"Discarded={code}", status_code=exc.status)
 
@@ -208,10 +207,9 @@ class CrashpadEndpoint:
             raise UploadRejected(415, "unsupported_content_encoding")
 
         form = _Form(self.settings, self.blobs)
-        stored: list[StoredBlob] = []
         try:
             upload_bytes = await self._read(receive, boundary, encoding, form)
-            crash = await self._store(scope, form, upload_bytes, stored)
+            crash = await self._store(scope, form, upload_bytes)
         except BaseException:
             form.discard()
             raise
@@ -273,9 +271,7 @@ class CrashpadEndpoint:
             raise UploadRejected(400, "truncated")
         return received
 
-    async def _store(
-        self, scope: Scope, form: _Form, upload_bytes: int, stored: list[StoredBlob]
-    ) -> NewCrash:
+    async def _store(self, scope: Scope, form: _Form, upload_bytes: int) -> NewCrash:
         dumps = [writer for name, _, writer in form.files if name == DUMP_FIELD]
         if not dumps:
             raise UploadRejected(400, "no_minidump")
@@ -288,7 +284,6 @@ class CrashpadEndpoint:
 
         # fsync and rename: blocking, so off the event loop.
         blobs = await asyncio.to_thread(commit_all)
-        stored.extend(blobs)
         dump_blob = blobs[[w for _, _, w in form.files].index(dump_writer)]
         attachments = tuple(
             {
