@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from reporting_endpoint.storage.rollups import HOUR_MS, KEYS, table_for
+from reporting_endpoint.storage.rollups import HOUR_MS, KEYS, hourly_table_for, table_for
 
 DIMENSIONS = KEYS  # what groups can be keyed by and filtered on
 MAX_LIMIT = 1000
@@ -155,7 +155,7 @@ def groups_query(by: Sequence[str], filters: Filters, limit: int) -> Query:
     """
     hourly = filters.since is not None or filters.until is not None
     columns_used = set(by) | {name for name, _ in filters.equal}
-    table = "report_groups_hourly" if hourly else table_for(columns_used)
+    table = hourly_table_for(columns_used) if hourly else table_for(columns_used)
     where, parameters = _group_where(filters, hourly)
     columns = ", ".join(by)
     sql = (
@@ -184,8 +184,9 @@ def timeseries_query(bucket: str, by: Sequence[str], filters: Filters) -> Query:
     where, parameters = _group_where(filters, hourly=True)
     key = f"hour / {hours} * {hours}"
     columns = "".join(f", {name}" for name in by)
+    table = hourly_table_for(set(by) | {name for name, _ in filters.equal})
     sql = (
-        f"SELECT {key} AS b{columns}, sum(count) FROM report_groups_hourly{where}"
+        f"SELECT {key} AS b{columns}, sum(count) FROM {table}{where}"
         f" GROUP BY b{columns} ORDER BY b{columns}"
     )
     return Query(sql, tuple(parameters))

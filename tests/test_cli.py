@@ -80,11 +80,21 @@ def test_export_filters_and_csv(db: Path) -> None:
 
 
 def counts(db: Path) -> tuple[int, int, int]:
+    """Reports, and what each roll-up table sums to (every table must agree)."""
     connection = sqlite3.connect(db)
     reports = connection.execute("SELECT count(*) FROM reports").fetchone()[0]
-    hourly = connection.execute("SELECT coalesce(sum(count), 0) FROM report_groups_hourly")
-    total = connection.execute("SELECT coalesce(sum(count), 0) FROM report_groups")
-    return reports, hourly.fetchone()[0], total.fetchone()[0]
+    sums = {
+        table: connection.execute(f"SELECT coalesce(sum(count), 0) FROM {table}").fetchone()[0]
+        for table in (
+            "report_groups_hourly",
+            "report_groups_hourly_kind",
+            "report_groups",
+            "report_groups_site",
+        )
+    }
+    assert sums["report_groups_hourly"] == sums["report_groups_hourly_kind"]
+    assert sums["report_groups"] == sums["report_groups_site"]
+    return reports, sums["report_groups_hourly"], sums["report_groups"]
 
 
 def backdate(db: Path, days: int, where: str) -> None:
@@ -106,6 +116,11 @@ def backdate(db: Path, days: int, where: str) -> None:
         " coalesce(origin,''), coalesce(browser,''), coalesce(browser_major,''), coalesce(os,''),"
         " coalesce(reason,''), user_agent, count(*), min(received_at), max(received_at)"
         " FROM reports GROUP BY 1,2,3,4,5,6,7,8,9"
+    )
+    connection.execute("DELETE FROM report_groups_hourly_kind")
+    connection.execute(
+        "INSERT INTO report_groups_hourly_kind SELECT hour, type, reason, browser, sum(count),"
+        " min(first_seen), max(last_seen) FROM report_groups_hourly GROUP BY 1, 2, 3, 4"
     )
     prune(connection, 0)
     connection.close()

@@ -51,6 +51,49 @@ _TOTALS = [
 ]
 
 
+# Hourly roll-ups, finest first, the same way.
+HOURLY_TABLES: dict[str, tuple[str, ...]] = {
+    "report_groups_hourly": KEYS,
+    "report_groups_hourly_kind": ("type", "reason", "browser"),
+}
+_HOURLY_COARSE = [
+    (
+        f"INSERT INTO {table} (hour, {', '.join(keys)}, count, first_seen, last_seen)"
+        f" VALUES ({', '.join('?' * (len(keys) + 4))}){_MERGE}",
+        tuple(KEYS.index(k) for k in keys),
+    )
+    for table, keys in HOURLY_TABLES.items()
+    if table != "report_groups_hourly"
+]
+
+
+def hourly_table_for(columns: set[str]) -> str:
+    """The smallest hourly roll-up holding all of ``columns``."""
+    for table, keys in reversed(HOURLY_TABLES.items()):
+        if columns <= set(keys):
+            return table
+    return "report_groups_hourly"
+
+
+def _project(
+    deltas: dict[tuple[object, ...], Delta], positions: tuple[int, ...], keep_hour: bool
+) -> dict[tuple[object, ...], Delta]:
+    """Sum (hour, *keys) deltas onto fewer keys (and the hour, when kept)."""
+    out: dict[tuple[object, ...], Delta] = {}
+    for key, (count, first, last) in deltas.items():
+        projected = tuple(key[1 + i] for i in positions)
+        if keep_hour:
+            projected = (key[0], *projected)
+        total = out.get(projected)
+        if total is None:
+            out[projected] = [count, first, last]
+        else:
+            total[0] += count
+            total[1] = min(total[1], first)
+            total[2] = max(total[2], last)
+    return out
+
+
 def table_for(columns: set[str]) -> str:
     """The smallest all-time roll-up holding all of ``columns``."""
     for table, keys in reversed(TOTAL_TABLES.items()):
@@ -87,17 +130,11 @@ def write_reports(connection: sqlite3.Connection, rows: Sequence[tuple[object, .
     connection.executemany(INSERT_REPORT, rows)
     hourly = rollup(rows)
     connection.executemany(UPSERT_HOURLY, [(*key, *delta) for key, delta in hourly.items()])
+    for upsert, positions in _HOURLY_COARSE:
+        coarse = _project(hourly, positions, keep_hour=True)
+        connection.executemany(upsert, [(*key, *delta) for key, delta in coarse.items()])
     for upsert, positions in _TOTALS:
-        totals: dict[tuple[object, ...], Delta] = {}
-        for key, (count, first, last) in hourly.items():
-            projected = tuple(key[1 + i] for i in positions)
-            total = totals.get(projected)
-            if total is None:
-                totals[projected] = [count, first, last]
-            else:
-                total[0] += count
-                total[1] = min(total[1], first)
-                total[2] = max(total[2], last)
+        totals = _project(hourly, positions, keep_hour=False)
         connection.executemany(upsert, [(*key, *delta) for key, delta in totals.items()])
 
 
@@ -122,6 +159,17 @@ def prune(connection: sqlite3.Connection, older_than_ms: int) -> int:
         " GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9",
         (edge * HOUR_MS, (edge + 1) * HOUR_MS),
     )
+    for table, keys in HOURLY_TABLES.items():
+        if table == "report_groups_hourly":
+            continue
+        columns = ", ".join(keys)
+        connection.execute(f"DELETE FROM {table} WHERE hour <= ?", (edge,))
+        connection.execute(
+            f"INSERT INTO {table} (hour, {columns}, count, first_seen, last_seen)"
+            f" SELECT hour, {columns}, sum(count), min(first_seen), max(last_seen)"
+            f" FROM report_groups_hourly WHERE hour = ? GROUP BY hour, {columns}",
+            (edge,),
+        )
     for table, keys in TOTAL_TABLES.items():
         columns = ", ".join(keys)
         connection.execute(f"DELETE FROM {table}")
