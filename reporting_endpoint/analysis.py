@@ -54,7 +54,7 @@ class DumpAnalyzer:
             self.task = None
 
     async def idle(self) -> None:
-        """Wait until everything submitted so far is parsed (for tests and shutdown)."""
+        """Wait until everything submitted so far is parsed (tests use it to observe results)."""
         if self.queue is not None:
             await self.queue.join()
 

@@ -16,6 +16,7 @@ from reporting_endpoint.errors import RequestRejected, error_response
 from reporting_endpoint.queries import (
     CRASH_DEFAULT_BY,
     CRASH_DIMENSIONS,
+    CRASH_DUMP_PATH,
     DIMENSIONS,
     Filters,
     QueryError,
@@ -165,7 +166,8 @@ class ReadApi:
 
     async def minidump(self, request: Request) -> Response:
         row = await self._crash_row(request)
-        path = self.blobs.open_path(row[12])  # dump_path: a hash path the service made
+        # A hash path the service made itself; open_path also refuses anything outside blobs/.
+        path = self.blobs.open_path(row[CRASH_DUMP_PATH])
         if not path.is_file():
             raise RequestRejected(404, "minidump_missing", "the dump file is gone")
         return FileResponse(

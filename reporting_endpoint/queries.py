@@ -204,15 +204,16 @@ def series_rows(by: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[s
     return series
 
 
-def encode_cursor(received_at: int, report_id: int) -> str:
-    return base64.urlsafe_b64encode(f"{received_at}.{report_id}".encode()).decode().rstrip("=")
+def encode_cursor(received_at: int, row_id: int | str) -> str:
+    """An opaque keyset position: the last row's received time and id."""
+    return base64.urlsafe_b64encode(f"{received_at}.{row_id}".encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[int, int]:
+def decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        received_at, report_id = base64.urlsafe_b64decode(padded).decode().split(".")
-        return int(received_at), int(report_id)
+        received_at, row_id = base64.urlsafe_b64decode(padded).decode().split(".")
+        return int(received_at), row_id
     except (ValueError, UnicodeDecodeError):
         raise QueryError("invalid_cursor", "cursor is not one this service gave out") from None
 
@@ -223,9 +224,11 @@ def reports_query(filters: Filters, limit: int, cursor: str | None = None) -> Qu
     row to tell whether there is a next page."""
     clauses, parameters = filters.row_clauses()
     if cursor:
-        received_at, report_id = decode_cursor(cursor)
+        received_at, row_id = decode_cursor(cursor)
+        if not row_id.isdigit():
+            raise QueryError("invalid_cursor", "cursor is not one this service gave out")
         clauses.append("(received_at < ? OR (received_at = ? AND id < ?))")
-        parameters.extend([received_at, received_at, report_id])
+        parameters.extend([received_at, received_at, int(row_id)])
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     sql = f"SELECT {EXPORT_COLUMNS} FROM reports{where} ORDER BY received_at DESC, id DESC LIMIT ?"
     return Query(sql, (*parameters, limit + 1))
@@ -311,14 +314,11 @@ CRASH_COLUMNS = (
     " crash_offset, signature"
 )
 _CRASH_NAMES = tuple(name.strip() for name in CRASH_COLUMNS.split(","))
-
-
-def _crash_where(filters: Filters) -> tuple[list[str], list[object]]:
-    return filters.row_clauses()
+CRASH_DUMP_PATH = _CRASH_NAMES.index("dump_path")  # position in a crash_query row
 
 
 def crash_groups_query(by: Sequence[str], filters: Filters, limit: int) -> Query:
-    clauses, parameters = _crash_where(filters)
+    clauses, parameters = filters.row_clauses()
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     columns = ", ".join(by)
     sql = (
@@ -329,23 +329,14 @@ def crash_groups_query(by: Sequence[str], filters: Filters, limit: int) -> Query
 
 
 def crashes_query(filters: Filters, limit: int, cursor: str | None = None) -> Query:
-    clauses, parameters = _crash_where(filters)
+    clauses, parameters = filters.row_clauses()
     if cursor:
-        received_at, crash_id = decode_crash_cursor(cursor)
+        received_at, crash_id = decode_cursor(cursor)
         clauses.append("(received_at < ? OR (received_at = ? AND id < ?))")
         parameters.extend([received_at, received_at, crash_id])
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     sql = f"SELECT {CRASH_COLUMNS} FROM crashes{where} ORDER BY received_at DESC, id DESC LIMIT ?"
     return Query(sql, (*parameters, limit + 1))
-
-
-def decode_crash_cursor(cursor: str) -> tuple[int, str]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        received_at, crash_id = base64.urlsafe_b64decode(padded).decode().split(".")
-        return int(received_at), crash_id
-    except (ValueError, UnicodeDecodeError):
-        raise QueryError("invalid_cursor", "cursor is not one this service gave out") from None
 
 
 def crash_query(crash_id: str) -> Query:
@@ -371,14 +362,14 @@ def crash_page(rows: Sequence[Sequence[Any]], limit: int) -> dict[str, Any]:
     next_cursor = None
     if len(rows) > limit:
         last = rows[limit - 1]
-        next_cursor = base64.urlsafe_b64encode(f"{last[1]}.{last[0]}".encode()).decode().rstrip("=")
+        next_cursor = encode_cursor(last[1], last[0])
     return {"crashes": page, "next_cursor": next_cursor}
 
 
 def iter_crashes(
     connection: sqlite3.Connection, filters: Filters | None = None
 ) -> Iterator[dict[str, Any]]:
-    clauses, parameters = _crash_where(filters or Filters())
+    clauses, parameters = (filters or Filters()).row_clauses()
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     cursor = connection.execute(
         f"SELECT {CRASH_COLUMNS} FROM crashes{where} ORDER BY received_at, id", parameters

@@ -25,7 +25,8 @@ pytestmark = [
     pytest.mark.chromium,
     pytest.mark.skipif(
         CHROMIUM is None,
-        reason="Debian's chromium is not installed (the README's test command installs it when run as root)",
+        reason="Debian's chromium is not installed "
+        "(the README's test command installs it when run as root)",
     ),
 ]
 

@@ -98,13 +98,11 @@ class SQLiteStorage:
     async def start(self) -> None:
         if self._writer is not None:
             return
-        # The write connection lives on one thread of its own. A whole group is one hop to that
-        # thread and back; aiosqlite would make each statement a hop (three per group).
+        # The writer task inserts on the loop and hands only COMMIT (which may fsync) and
+        # maintenance jobs to this one thread; see _write for why not aiosqlite.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="reporting-endpoint-writer")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, migrate, self.path)
-        self._write_conn = await loop.run_in_executor(
-            self._executor, open_connection, self.path, self.synchronous
+        self._write_conn = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._open_and_migrate
         )
         # Readers never share the write connection; this one cannot write at all.
         self.read_conn = await aiosqlite.connect(
@@ -114,6 +112,15 @@ class SQLiteStorage:
         self._closing = False
         self._accepting = True
         self._writer = asyncio.create_task(self._run(), name="reporting-endpoint-writer")
+
+    def _open_and_migrate(self) -> sqlite3.Connection:
+        connection = open_connection(self.path, self.synchronous)
+        try:
+            apply_migrations(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
     async def stop(self) -> None:
         """Refuse new work, commit everything already queued, then close."""
