@@ -44,3 +44,33 @@ class NewReport:
             self.reason,
             self.raw,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedReport:
+    """One report the service refused, kept in quarantine so nothing a browser sent vanishes.
+
+    ``raw`` is the report's JSON text (its ``url`` stripped like an accepted report's), cut to
+    a bounded size; ``truncated`` says it was cut. ``type`` is the report's own ``type`` when
+    it had a string one.
+    """
+
+    received_at: int
+    code: str
+    field: str
+    message: str
+    type: str | None
+    raw: str
+    truncated: bool
+
+    def row(self) -> tuple[object, ...]:
+        """Column values in the quarantine table's INSERT order."""
+        return (
+            self.received_at,
+            self.code,
+            self.field,
+            self.message,
+            self.type,
+            self.raw,
+            int(self.truncated),
+        )

@@ -36,8 +36,16 @@ class Settings:
     crashpad_max_decompressed_bytes: int = 100 * MiB
     crashpad_max_parts: int = 256
     crashpad_max_field_bytes: int = 64 * 1024
+    # All text parts of one upload together: a small gzip body must not store megabytes of
+    # annotations (255 parts of 64 KiB each fit the other limits).
+    crashpad_max_annotation_bytes: int = 256 * 1024
     # Reports waiting for the writer; past this the endpoint answers 503 + Retry-After.
     queue_size: int = 20000
+    # How long the writer waits for another process's write lock (e.g. `prune`) before the
+    # waiting uploads get 503 + Retry-After; the event loop keeps serving meanwhile.
+    write_lock_timeout: float = 30.0
+    # Rejected reports kept for inspection (the oldest go first past this many rows).
+    quarantine_max_rows: int = 100_000
     # Empty means "*": any page may report here. Otherwise only these origins.
     cors_allow_origins: tuple[str, ...] = ()
     cors_max_age: int = 86400
@@ -46,11 +54,19 @@ class Settings:
     # FULL: a 2xx survives power loss too; NORMAL: survives a process crash only.
     sqlite_synchronous: str = "FULL"
     read_token: str | None = field(default=None, repr=False)
+    # Destructive operations (deleting a report or a crash through the API) need this token.
+    write_token: str | None = field(default=None, repr=False)
     # Reports older than this many days are deleted by the running service (hourly).
     retention_days: int | None = None
     log_level: str = "info"
     # One log line per request costs about a fifth of the ingest throughput.
     access_log: bool = False
+    # `serve` only: connections served at once (past it: 503), seconds to receive a request's
+    # headers, seconds to wait for the next chunk of a body, seconds an idle keep-alive lasts.
+    limit_concurrency: int = 1000
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    timeout_keep_alive: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -63,6 +79,13 @@ class Settings:
             "crashpad_max_decompressed_bytes",
             "crashpad_max_parts",
             "crashpad_max_field_bytes",
+            "crashpad_max_annotation_bytes",
+            "quarantine_max_rows",
+            "limit_concurrency",
+            "write_lock_timeout",
+            "header_timeout",
+            "body_timeout",
+            "timeout_keep_alive",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
@@ -100,6 +123,11 @@ def _convert(name: str, type_name: str, raw: str) -> Any:
     try:
         if type_name == "int":
             return int(raw)
+        if type_name == "float":
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(raw)
+            return value
         if type_name == "int | None":
             return int(raw) if raw.strip() else None
         if type_name == "bool":

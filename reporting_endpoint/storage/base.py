@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from reporting_endpoint.records import NewReport
+from reporting_endpoint.records import NewReport, RejectedReport
 
 
 class StorageError(Exception):
@@ -45,7 +45,11 @@ class Storage(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def submit(self, reports: Sequence[NewReport]) -> None: ...
+    async def submit(
+        self, reports: Sequence[NewReport], rejected: Sequence[RejectedReport] = ()
+    ) -> None:
+        """Commit ``reports`` (and the refused ``rejected`` ones, to quarantine) together."""
+        ...
 
     async def run_job(self, job: Callable[[sqlite3.Connection], T]) -> T: ...
 

@@ -66,3 +66,23 @@ def record_failure(connection: sqlite3.Connection, crash_id: str, error: str) ->
         "UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ? WHERE id = ?",
         (error[:500], "unparseable dump", crash_id),
     )
+
+
+# SQLite integers are signed 64-bit; addresses are unsigned 64-bit (kernel and vsyscall
+# addresses sit at or above 2**63), so they are stored in two's complement and read back.
+_U64 = 1 << 64
+
+
+def u64_to_db(value: int | None) -> int | None:
+    """An unsigned 64-bit value as the signed integer SQLite can hold (None stays None)."""
+    if value is None:
+        return None
+    value &= _U64 - 1
+    return value - _U64 if value >= 1 << 63 else value
+
+
+def u64_from_db(value: int | None) -> int | None:
+    """The unsigned value ``u64_to_db`` stored."""
+    if value is None:
+        return None
+    return value + _U64 if value < 0 else value
