@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from publicsuffixlist import PublicSuffixList
@@ -45,6 +46,52 @@ def strip_url(url: str, keep_query: bool = False) -> str:
     if keep_query:
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# Body members that hold a URL, by report type (the names do not clash across types, so one
+# set serves all): CSP and integrity violations (`documentURL`, `blockedURL`, `referrer`,
+# `sourceFile`, and the legacy `csp-report` spellings `document-uri`, `blocked-uri`,
+# `source-file`; `document-url` is a common misspelling of the first), deprecation,
+# intervention, permissions- and document-policy violations (`sourceFile`), network errors
+# (`referrer`), COEP (`blockedURL`) and COOP (the `*URL` members). They carry query strings just
+# like the report's own `url` (often the same page URL), so they get the same privacy rule.
+# Values that are not URLs (`inline`, `eval`, `self`, "") pass through unchanged.
+BODY_URL_FIELDS = frozenset(
+    {
+        "documentURL",
+        "blockedURL",
+        "referrer",
+        "sourceFile",
+        "previousResponseURL",
+        "nextResponseURL",
+        "openeeURL",
+        "openerURL",
+        "otherDocumentURL",
+        "initialPopupURL",
+        "document-uri",
+        "document-url",
+        "blocked-uri",
+        "source-file",
+    }
+)
+
+
+def strip_body_urls(body: dict[str, Any], keep_query: bool = False) -> dict[str, Any]:
+    """``body`` with every known URL member passed through `strip_url`; the same object when
+    nothing changes, so the common case (a crash body) copies nothing."""
+    if body.keys().isdisjoint(BODY_URL_FIELDS):
+        return body
+    changed: dict[str, Any] | None = None
+    for name in BODY_URL_FIELDS.intersection(body):
+        value = body[name]
+        if not isinstance(value, str):
+            continue
+        stored = strip_url(value, keep_query)
+        if stored != value:
+            if changed is None:
+                changed = dict(body)
+            changed[name] = stored
+    return body if changed is None else changed
 
 
 def origin_of(url: str) -> str | None:

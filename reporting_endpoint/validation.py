@@ -64,11 +64,18 @@ class ReportValidator:
         return None
 
 
+# jsonschema-rs quotes the offending value in its message, and a value can be a 1 MiB object:
+# the message goes back in the answer and into quarantine, so it is cut.
+MAX_MESSAGE = 300
+
+
 def _first_error(validator: Any, instance: Any, prefix: str) -> Invalid:
     error = next(iter(validator.iter_errors(instance)))
     path = [prefix] if prefix else []
     path.extend(str(part) for part in error.instance_path)
     message = error.message
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "\u2026"
     if error.kind.__class__.__name__.endswith("Required"):
         missing = getattr(error.kind, "property", None)
         name = str(missing) if missing is not None else ""

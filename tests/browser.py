@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from websockets.sync.client import ClientConnection, connect
 
+from reporting_endpoint.app import create_app
 from reporting_endpoint.headers import HeaderOptions, build_headers
+from reporting_endpoint.settings import Settings
 from tests.servers import TlsCertificate, free_port
 
 SCRIPTS = {
@@ -66,14 +70,72 @@ def page_server(
 ) -> Iterator[str]:
     """An HTTPS origin of its own (another port than the service), in a thread."""
     port = port or free_port()
+    with _threaded(page_app(endpoint), certificate, port, "off"):
+        yield f"https://127.0.0.1:{port}"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request the service answered: what the browser sent, and the status it got."""
+
+    method: str
+    path: str
+    origin: str | None
+    status: int
+
+
+class _Recorder:
+    """Outermost ASGI layer: notes every request and its status, changes nothing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.seen: list[Seen] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin = dict(scope["headers"]).get(b"origin")
+
+        async def noting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.seen.append(
+                    Seen(
+                        scope["method"],
+                        scope["path"],
+                        origin.decode("latin-1") if origin is not None else None,
+                        int(message["status"]),
+                    )
+                )
+            await send(message)
+
+        await self.app(scope, receive, noting_send)
+
+
+@contextmanager
+def recording_service(
+    settings: Settings, certificate: TlsCertificate
+) -> Iterator[tuple[str, list[Seen]]]:
+    """The service over HTTPS in a thread; yields its URL and the requests it has answered, so
+    a test can tell "the browser sent nothing" from "the service refused what it sent"."""
+    recorder = _Recorder(create_app(settings))
+    port = free_port()
+    with _threaded(recorder, certificate, port, "on"):
+        yield f"https://127.0.0.1:{port}", recorder.seen
+
+
+@contextmanager
+def _threaded(
+    app: ASGIApp, certificate: TlsCertificate, port: int, lifespan: str
+) -> Iterator[None]:
     config = uvicorn.Config(
-        page_app(endpoint),
+        app,
         host="127.0.0.1",
         port=port,
         log_level="warning",
         ssl_certfile=str(certificate.cert_file),
         ssl_keyfile=str(certificate.key_file),
-        lifespan="off",
+        lifespan=lifespan,  # type: ignore[arg-type]
         # Chromium keeps its connection open; do not wait for it when the test is over.
         timeout_graceful_shutdown=1,
     )
@@ -86,7 +148,7 @@ def page_server(
             raise RuntimeError("the test page server did not start")
         time.sleep(0.02)
     try:
-        yield f"https://127.0.0.1:{port}"
+        yield
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.browser import Chromium, find_chromium, page_server
+from reporting_endpoint.settings import Settings
+from tests.browser import Chromium, find_chromium, page_server, recording_service
 from tests.servers import (
     RunningServer,
     TlsCertificate,
@@ -140,16 +141,30 @@ def test_crash_delivered_without_a_crash_reporting_endpoint(
 def test_allow_list_that_excludes_the_page_refuses_the_report(
     tmp_path: Path, certificate: TlsCertificate, chromium: Chromium
 ) -> None:
+    """Two pages crash in one browser: the allowed one is the control that Chromium delivers at
+    all, and the service must have seen (and refused) the excluded page's preflight, so the
+    test cannot pass merely because Chromium sent nothing."""
+    db = tmp_path / "reports.sqlite3"
+    allowed_port = free_port()
+    allowed = f"https://127.0.0.1:{allowed_port}"
+    settings = Settings(db=db, cors_allow_origins=(allowed,))
     with (
-        service(
-            tmp_path, certificate, REPORTING_ENDPOINT_CORS_ALLOW_ORIGINS="https://other.example"
-        ) as server,
-        page_server(certificate, endpoint(server)) as origin,
+        recording_service(settings, certificate) as (service_url, seen),
+        page_server(certificate, f"{service_url}/reports", port=allowed_port) as allowed_origin,
+        page_server(certificate, f"{service_url}/reports") as excluded,
     ):
-        crash_page(chromium, f"{origin}/page?ep=both")
-        # The allowed case above arrives in well under a second; give this one five.
-        rows = wait_for_reports(server.db, timeout=5)
-    assert rows == [], "a report got past a CORS allow-list that excludes the page"
+        crash_page(chromium, f"{excluded}/page?ep=both")
+        crash_page(chromium, f"{allowed_origin}/page?ep=both")
+        rows = wait_for_reports(db, report_type="crash")
+        deadline = time.monotonic() + 10
+        while not any(r.origin == excluded for r in seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # room for a POST that should never follow the refused preflight
+        from_excluded = [r for r in seen if r.origin == excluded]
+    assert [r["url"] for r in rows] == [f"{allowed_origin}/page"], "the control never arrived"
+    assert from_excluded, "Chromium never asked on behalf of the excluded page"
+    assert {(r.method, r.path, r.status) for r in from_excluded} == {("OPTIONS", "/reports", 403)}
+    assert not [r for r in stored(db) if r["origin"] == excluded]
 
 
 def test_allow_list_that_includes_the_page_passes(

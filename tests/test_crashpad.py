@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import sqlite3
 import time
 import zlib
@@ -15,7 +17,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from reporting_endpoint.app import create_app
+from reporting_endpoint.minidump import parse_dump
 from reporting_endpoint.settings import Settings
+from reporting_endpoint.storage.crashes import record_facts, u64_from_db
 from tests.crashpad_client import (
     MINIDUMPS,
     captured,
@@ -166,8 +170,146 @@ def test_minidump_download_needs_the_token(client: TestClient) -> None:
     missing = client.get("/api/crashes/" + "0" * 32, headers=AUTH)
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "crash_not_found"
-    bad = client.get("/api/crashes/../../etc/passwd/minidump", headers=AUTH)
-    assert bad.status_code in {400, 404}
+
+
+# Paths as an attacker sends them; an HTTP client library would normalise the dots away.
+TRAVERSALS = [
+    "/api/crashes/../../etc/passwd/minidump",
+    "/api/crashes/..%2F..%2F..%2Fetc%2Fpasswd/minidump",
+    "/api/crashes/%2e%2e%2f%2e%2e%2fetc%2fpasswd/minidump",
+    "/api/crashes/../minidump",
+    "/api/crashes/%2e%2e/minidump",
+    "/api/crashes/..%5C..%5Cetc%5Cpasswd/minidump",
+    "/api/crashes/{id}/../../../../etc/passwd",
+    "/api/crashes/{id}%2F..%2F..%2Fc.sqlite3/minidump",
+]
+
+
+def test_path_traversal_reaches_the_server_and_gets_a_json_4xx(tmp_path: Path) -> None:
+    db = tmp_path / "c.sqlite3"
+    with running_service(db, env={"REPORTING_ENDPOINT_READ_TOKEN": TOKEN}) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        headers = {"content-type": content_type(), **AUTH}
+        connection.request("POST", "/crashpad", body=dump_upload(DUMP), headers=headers)
+        upload = connection.getresponse()
+        crash_id = upload.read().decode()
+        assert upload.status == 200
+        # The control: the same raw-path client does reach the dump when the path is right.
+        connection.request("GET", f"/api/crashes/{crash_id}/minidump", headers=AUTH)
+        control = connection.getresponse()
+        assert (control.status, control.read()) == (200, DUMP)
+        codes: dict[str, str] = {}
+        for template in TRAVERSALS:
+            path = template.replace("{id}", crash_id)
+            connection.request("GET", path, headers=AUTH)  # sent byte for byte, dots and all
+            answer = connection.getresponse()
+            body = answer.read()
+            assert 400 <= answer.status < 500, (path, answer.status)
+            assert answer.getheader("content-type") == "application/json", path
+            codes[template] = json.loads(body)["error"]["code"]
+            assert b"root:" not in body and b"MDMP" not in body and b"SQLite" not in body, path
+        connection.close()
+    # The dots reached the crash route unnormalised: it saw ".." as the id and refused it (a
+    # normalising client would have asked for /api/minidump instead: the generic not_found).
+    for raw in ("/api/crashes/../minidump", "/api/crashes/%2e%2e/minidump"):
+        assert codes[raw] in {"invalid_id", "crash_not_found"}, codes
+    assert set(codes.values()) <= {"invalid_id", "not_found", "crash_not_found"}
+
+
+def test_chrome_crash_keys_plat_and_ptype(client: TestClient) -> None:
+    """Chrome's own uploads (and a handler's, for dumps it did not write) use plat and ptype."""
+    fields = {"prod": "Chrome_Linux", "ver": "156.0.7500.0", "plat": "Linux", "ptype": "renderer"}
+    response = post(client, dump_upload(DUMP, fields), {"content-type": content_type()})
+    assert response.status_code == 200
+    stored = crash(client, response.text)
+    assert (stored["platform"], stored["process_type"]) == ("Linux", "renderer")
+    assert (stored["product"], stored["version"]) == ("Chrome_Linux", "156.0.7500.0")
+    assert stored["electron_version"] is None
+
+
+def test_electron_names_win_over_chrome_crash_keys(client: TestClient) -> None:
+    fields = {"platform": "win32", "plat": "Win64", "process_type": "gpu", "ptype": "gpu-process"}
+    response = post(client, dump_upload(DUMP, fields), {"content-type": content_type()})
+    stored = crash(client, response.text)
+    assert (stored["platform"], stored["process_type"]) == ("win32", "gpu")
+
+
+def test_annotation_bytes_are_capped_per_upload(client: TestClient, settings: Settings) -> None:
+    """The review's upload: 255 text parts just under the per-part limit, a ~35 KB gzip body."""
+    fields = {f"k{i}": "x" * (64 * 1024 - 100) for i in range(255)}
+    body = gz(dump_upload(DUMP, fields))
+    assert len(body) < 100_000
+    headers = {"content-type": content_type(), "content-encoding": "gzip"}
+    response = post(client, chunked(body), headers)
+    assert (response.status_code, response.text) == (413, "Discarded=annotations_too_large")
+    assert [p for p in settings.data_dir.rglob("*") if p.is_file()] == []
+    rows = sqlite3.connect(settings.db).execute("SELECT count(*) FROM crashes").fetchone()
+    assert rows == (0,)
+
+
+def test_annotations_up_to_the_cap_are_kept(tmp_path: Path) -> None:
+    settings = Settings(
+        db=tmp_path / "c.sqlite3", read_token=TOKEN, crashpad_max_annotation_bytes=10_000
+    )
+    with TestClient(create_app(settings)) as client:
+        under = {"a": "x" * 5_000, "b": "y" * 5_000}  # exactly 10 000 bytes of values
+        response = post(client, dump_upload(DUMP, under), {"content-type": content_type()})
+        assert response.status_code == 200
+        assert crash(client, response.text)["annotations"] == under
+        over = {**under, "c": "z"}
+        response = post(client, dump_upload(DUMP, over), {"content-type": content_type()})
+        assert (response.status_code, response.text) == (413, "Discarded=annotations_too_large")
+
+
+HIGH_ADDRESS_DUMP = "mac-x64_rustminidump_pipeline-inlines-macos-segv.dmp"
+
+
+def test_crash_address_at_or_above_2_63_is_stored_and_read_back(
+    client: TestClient, settings: Settings
+) -> None:
+    data = (MINIDUMPS / HIGH_ADDRESS_DUMP).read_bytes()
+    parsed = parse_dump(MINIDUMPS / HIGH_ADDRESS_DUMP)
+    assert parsed.crash_address is not None and parsed.crash_address >= 2**63
+    response = post(client, dump_upload(data), {"content-type": content_type()})
+    assert response.status_code == 200
+    stored = crash(client, response.text)
+    assert stored["parse_status"] == "parsed", stored["parse_error"]
+    assert stored["crash_address"] == parsed.crash_address
+    assert stored["signature"] == parsed.signature
+    row = (
+        sqlite3.connect(settings.db)
+        .execute(
+            "SELECT crash_address, exception_code, parse_status FROM crashes WHERE id = ?",
+            (response.text,),
+        )
+        .fetchone()
+    )
+    assert u64_from_db(row[0]) == parsed.crash_address
+    assert u64_from_db(row[1]) == parsed.exception_code
+    assert row[2] == "parsed"  # not left pending, to be parsed again at every start
+
+
+def test_one_odd_fact_does_not_lose_the_parse_result(
+    client: TestClient, settings: Settings
+) -> None:
+    """A name SQLite cannot encode, or a value of no SQL type, used to fail the whole UPDATE
+    (the crash then stayed pending, re-parsed and failing again at every start)."""
+    response = post(client, dump_upload(DUMP), {"content-type": content_type()})
+    crash(client, response.text)
+    facts = parse_dump(MINIDUMPS / "win-x86_breakpad_minidump2.dmp").as_dict()
+    facts["main_module"] = "bad\ud800name"  # a lone surrogate, as from a dump's UTF-16 name
+    facts["os_version"] = ["not", "a", "scalar"]
+    facts["crash_address"] = 2**64 - 1
+    connection = sqlite3.connect(settings.db)
+    with connection:
+        record_facts(connection, response.text, facts)
+    connection.close()
+    stored = crash(client, response.text)
+    assert stored["parse_status"] == "parsed"
+    assert stored["main_module"] == "bad\\ud800name"  # kept, as its escape
+    assert stored["os_version"] is None
+    assert stored["crash_address"] == 2**64 - 1
+    assert (stored["os"], stored["signature"]) == (facts["os"], facts["signature"])
 
 
 def test_crash_groups_through_the_api(client: TestClient) -> None:

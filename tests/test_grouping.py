@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from reporting_endpoint.grouping import origin_of, parse_user_agent, site_of, strip_url, url_parts
+from reporting_endpoint.grouping import (
+    origin_of,
+    parse_user_agent,
+    site_of,
+    strip_body_urls,
+    strip_url,
+    url_parts,
+)
 
 
 @pytest.mark.parametrize(
@@ -106,3 +113,25 @@ def test_stored_url_drops_query_fragment_and_credentials() -> None:
 def test_user_agent(ua: str, browser: str | None, major: str | None, os: str | None) -> None:
     parsed = parse_user_agent(ua)
     assert (parsed.browser, parsed.browser_major, parsed.os) == (browser, major, os)
+
+
+def test_body_urls_follow_the_report_url_rule() -> None:
+    legacy_csp = {
+        "document-uri": "https://a.example/p?session=1",
+        "blocked-uri": "https://u:p@cdn.example/x.js#f",
+        "source-file": "https://a.example/app.js?v=3",
+        "referrer": "",
+        "violated-directive": "script-src",
+    }
+    assert strip_body_urls(legacy_csp) == {
+        **legacy_csp,
+        "document-uri": "https://a.example/p",
+        "blocked-uri": "https://cdn.example/x.js",
+        "source-file": "https://a.example/app.js",
+    }
+    assert legacy_csp["document-uri"].endswith("?session=1")  # the input is not changed
+    # Not URLs, or not strings: left alone, and the same object comes back.
+    body = {"blockedURL": "inline", "sourceFile": None, "message": "see https://x.example/?q"}
+    assert strip_body_urls(body) is body
+    crash = {"reason": "oom", "stack": "at f (https://a.example/app.js?v=1:2:3)"}
+    assert strip_body_urls(crash) is crash

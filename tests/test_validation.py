@@ -43,6 +43,7 @@ ACCEPTED = [
     _body(page_visibility="hidden"),
     _body(crash_report_api={"build": "1.2.3"}),
     _body(future_key={"anything": [1, 2]}),
+    crash_report(age=30 * 24 * 3600 * 1000),
     crash_report(type="network-error", body={"phase": "dns", "type": "dns.name_not_resolved"}),
     crash_report(type="some-future-type", body={}),
 ]
@@ -64,7 +65,10 @@ REJECTED = [
     (crash_report(url=None), "invalid_field", "url"),
     (crash_report(user_agent=5), "invalid_field", "user_agent"),
     (crash_report(body=[]), "invalid_field", "body"),
+    (crash_report(age=30 * 24 * 3600 * 1000 + 1), "invalid_field", "age"),
+    (crash_report(age=2**53 - 1), "invalid_field", "age"),
     (_body(reason="segfault"), "invalid_field", "body.reason"),
+    (_body(reason=5), "invalid_field", "body.reason"),
     (_body(stack=["frame"]), "invalid_field", "body.stack"),
     (_body(is_top_level="yes"), "invalid_field", "body.is_top_level"),
     (_body(visibility_state="prerender"), "invalid_field", "body.visibility_state"),
@@ -91,3 +95,11 @@ def test_compiled_validator_agrees_with_jsonschema(report: dict[str, Any]) -> No
             report["body"]
         )
     assert valid == (VALIDATOR.check(report) is None)
+
+
+def test_messages_are_bounded_whatever_the_value_quoted() -> None:
+    """jsonschema-rs quotes the bad value; the message goes into the answer and quarantine."""
+    problem = VALIDATOR.check(crash_report(body=["x" * 100_000]))
+    assert problem is not None
+    assert (problem.code, problem.field) == ("invalid_field", "body")
+    assert 0 < len(problem.message) <= 300

@@ -52,13 +52,61 @@ FACT_COLUMNS = (
 )  # fmt: skip
 
 
+# Unsigned 64-bit values: addresses, offsets, and exception codes (which a dump stores as u32
+# on Windows but as a u64 elsewhere).
+U64_FACTS = frozenset({"exception_code", "crash_address", "crash_offset"})
+
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _text(value: str) -> str:
+    """``value`` as UTF-8 can carry it: a lone surrogate (from a dump's UTF-16 names) is kept
+    as its escape rather than failing the whole row."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _fact_value(name: str, value: Any) -> object:
+    """One fact as a value SQLite can bind; anything else becomes None, not a lost result."""
+    if value is None or isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, int):  # bool included: it is an int
+        if name in U64_FACTS:
+            return u64_to_db(int(value))
+        return int(value) if _I64_MIN <= value <= _I64_MAX else None
+    return None
+
+
 def record_facts(connection: sqlite3.Connection, crash_id: str, facts: dict[str, Any]) -> None:
+    """Mark the crash parsed with its facts; if they still cannot be written, mark it failed.
+
+    Either way the row leaves ``pending``: a result that cannot be stored must not leave the
+    crash to be parsed again, and fail again, at every start.
+    """
     assignments = ", ".join(f"{name} = ?" for name in FACT_COLUMNS)
-    connection.execute(
-        f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments}"
-        " WHERE id = ?",
-        (*(facts.get(name) for name in FACT_COLUMNS), crash_id),
-    )
+    values = [_fact_value(name, facts.get(name)) for name in FACT_COLUMNS]
+    try:
+        connection.execute(
+            f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments}"
+            " WHERE id = ?",
+            (*values, crash_id),
+        )
+    except (OverflowError, ValueError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
+        signature = facts.get("signature")
+        connection.execute(
+            "UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ?"
+            " WHERE id = ?",
+            (
+                _text(f"facts not stored: {type(exc).__name__}: {exc}"[:500]),
+                _text(signature) if isinstance(signature, str) else "unparseable dump",
+                crash_id,
+            ),
+        )
 
 
 def record_failure(connection: sqlite3.Connection, crash_id: str, error: str) -> None:
