@@ -3,39 +3,182 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TextIO
 
+from reporting_endpoint import __version__
 from reporting_endpoint.settings import ENV_PREFIX, Settings, SettingsError
+
+# Help for every `serve` option, one per Settings field: the parser is built from this table,
+# so a new setting without a flag (or a flag without help) fails tests/test_cli.py.
+SETTING_HELP: dict[str, str] = {
+    "host": "address to bind (default 127.0.0.1)",
+    "port": "port to bind (default 8000)",
+    "db": "SQLite file, created when missing (default reports.sqlite3)",
+    "ssl_certfile": "TLS certificate chain (PEM); serve HTTPS with --ssl-keyfile",
+    "ssl_keyfile": "TLS private key (PEM)",
+    "max_body_bytes": "largest /reports upload in bytes (default 1048576)",
+    "max_reports_per_batch": "most reports in one /reports upload (default 1000)",
+    "crashpad_max_body_bytes": "largest /crashpad upload as sent, in bytes (default 20 MiB)",
+    "crashpad_max_decompressed_bytes": "largest /crashpad upload once gunzipped (default 100 MiB)",
+    "crashpad_max_parts": "most form parts in one /crashpad upload (default 256)",
+    "crashpad_max_field_bytes": "largest single annotation in bytes (default 65536)",
+    "crashpad_max_annotation_bytes": "all annotations of one upload together (default 262144)",
+    "queue_size": "reports waiting for the writer; past it uploads get 503 (default 20000)",
+    "write_lock_timeout": "seconds to wait for another writer's lock before 503 (default 30)",
+    "quarantine_max_rows": "refused reports kept for inspection (default 100000)",
+    "cors_allow_origins": "comma-separated origins that may send reports (default: any)",
+    "cors_max_age": "seconds browsers may cache a CORS preflight (default 86400)",
+    "keep_url_query": "keep query strings and fragments of reported URLs (default: drop them)",
+    "sqlite_synchronous": "FULL (default: a 2xx survives power loss), EXTRA or NORMAL",
+    "read_token": "bearer token for the read API /api (default: the API is closed);"
+    " prefer the environment variable, a flag is visible to other local users in ps",
+    "write_token": "bearer token for deleting through the API (default: deletes disabled);"
+    " prefer the environment variable",
+    "retention_days": "delete reports and crashes older than this many days (default: keep)",
+    "log_level": "uvicorn's log level: critical, error, warning, info (default), debug or trace",
+    "access_log": "one log line per request (default: off)",
+    "limit_concurrency": "connections served at once; past it 503 (default 1000)",
+    "header_timeout": "seconds a client has to send a request's headers (default 10)",
+    "body_timeout": "seconds to wait for the next chunk of a body before 408 (default 30)",
+    "timeout_keep_alive": "seconds an idle keep-alive connection stays open (default 5)",
+}
+_CHOICES = {
+    "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],
+    "log_level": ["critical", "error", "warning", "info", "debug", "trace"],
+}
+_METAVARS = {
+    "int": "N",
+    "int | None": "DAYS",
+    "float": "SECONDS",
+    "tuple[str, ...]": "ORIGINS",
+    "Path": "FILE",
+    "Path | None": "FILE",
+}
+
+
+def _finite_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _origin_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _flag_type(type_name: str) -> Callable[[str], Any]:
+    if type_name.startswith("int"):
+        return int
+    if type_name == "float":
+        return _finite_float
+    if type_name.startswith("Path"):
+        return Path
+    if type_name.startswith("tuple"):
+        return _origin_list
+    return str
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = SETTING_HELP.get(f.name)
+        type_name = str(f.type)
+        options: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if type_name == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            continue
+        if f.name in _CHOICES:
+            options["choices"] = _CHOICES[f.name]
+        else:
+            options["metavar"] = _METAVARS.get(type_name, f.name.rsplit("_", 1)[-1].upper())
+        parser.add_argument(flag, type=_flag_type(type_name), **options)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment first, then every flag given on the command line."""
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    return Settings.from_env(**overrides)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from reporting_endpoint.server import serve
 
-    from reporting_endpoint.app import create_app
-
-    settings = Settings.from_env(
-        host=args.host,
-        port=args.port,
-        db=args.db,
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-    )
-    app = create_app(settings, tune_gc=True)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        # The storage drains its queue on shutdown; give it time to do so.
-        timeout_graceful_shutdown=30,
-    )
+    serve(settings_from_args(args))
     return 0
+
+
+class NotOurDatabase(ValueError):
+    """The --db file exists but is not a reporting-endpoint database."""
+
+
+def _check_database(path: Path) -> None:
+    """Refuse, by name, a file that is not this service's database (before anything writes)."""
+    from reporting_endpoint.queries import open_readonly
+
+    connection = open_readonly(path)
+    try:
+        tables = {
+            row[0]
+            for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+    except sqlite3.DatabaseError as exc:
+        raise NotOurDatabase(f"{path} is not a reporting-endpoint database ({exc})") from None
+    finally:
+        connection.close()
+    missing = {"reports", "crashes"} - tables
+    if missing:
+        raise NotOurDatabase(
+            f"{path} is not a reporting-endpoint database (it has no {sorted(missing)[0]} table)"
+        )
+
+
+def _open_database(path: Path) -> sqlite3.Connection:
+    from reporting_endpoint.queries import open_readonly
+
+    _check_database(path)
+    return open_readonly(path)
+
+
+# OWASP CSV injection: a cell starting with one of these is a formula to a spreadsheet.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A value safe to open in a spreadsheet: text that could start a formula gets a ``'``."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _write_csv(out: TextIO, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    import csv
+
+    import orjson
+
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for row in rows:
+        cells = []
+        for name in columns:
+            value = row.get(name)
+            if isinstance(value, dict | list):
+                value = orjson.dumps(value).decode()
+            cells.append(csv_cell(value))
+        writer.writerow(cells)
+
+
+def terminal_safe(text: str) -> str:
+    """Escape what a terminal would act on (ESC sequences, bidi overrides, newlines...)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _filters(args: argparse.Namespace) -> Any:
@@ -61,34 +204,36 @@ CSV_COLUMNS = (
     "id", "received_at", "generated_at", "type", "url", "user_agent", "age", "origin", "site",
     "browser", "browser_major", "os", "reason", "body",
 )  # fmt: skip
+# Nested values (annotations, query, attachments) are JSON text in their cell.
+CRASH_CSV_COLUMNS = (
+    "id", "received_at", "product", "version", "platform", "process_type", "electron_version",
+    "signature", "parse_status", "parse_error", "os", "os_version", "cpu", "exception_name",
+    "exception_code_hex", "crash_address_hex", "crashing_thread", "main_module",
+    "main_module_version", "crash_module", "crash_offset_hex", "guid", "dump_sha256",
+    "dump_size", "upload_bytes", "annotations", "query", "attachments",
+)  # fmt: skip
 
 
 def _export(args: argparse.Namespace, out: TextIO) -> int:
-    import csv
-
     import orjson
 
-    from reporting_endpoint.queries import iter_crashes, iter_reports, open_readonly
+    from reporting_endpoint.queries import iter_crashes, iter_reports
 
     settings = Settings.from_env(db=args.db)
     filters = _filters(args)
-    connection = open_readonly(settings.db)
+    connection = _open_database(settings.db)
     try:
-        if args.source == "crashes":
-            if args.format == "csv":
-                raise ValueError("crashes export as jsonl only (they carry nested annotations)")
-            for crash in iter_crashes(connection, filters):
-                out.write(orjson.dumps(crash).decode())
-                out.write("\n")
-        elif args.format == "csv":
-            writer = csv.writer(out)
-            writer.writerow(CSV_COLUMNS)
-            for report in iter_reports(connection, filters):
-                report["body"] = orjson.dumps(report["body"]).decode()
-                writer.writerow([report[name] for name in CSV_COLUMNS])
+        rows = (
+            iter_crashes(connection, filters)
+            if args.source == "crashes"
+            else iter_reports(connection, filters)
+        )
+        if args.format == "csv":
+            columns = CRASH_CSV_COLUMNS if args.source == "crashes" else CSV_COLUMNS
+            _write_csv(out, columns, rows)
         else:
-            for report in iter_reports(connection, filters):
-                out.write(orjson.dumps(report).decode())
+            for row in rows:
+                out.write(orjson.dumps(row).decode())
                 out.write("\n")
     finally:
         connection.close()
@@ -104,9 +249,9 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
         crash_groups_query,
         group_rows,
         groups_query,
-        open_readonly,
         parse_by,
         parse_limit,
+        quarantine_counts,
         run,
     )
 
@@ -118,48 +263,103 @@ def _stats(args: argparse.Namespace, out: TextIO) -> int:
     else:
         by = parse_by(args.by)
         query = groups_query(by, _filters(args), limit)
-    connection = open_readonly(settings.db)
+    connection = _open_database(settings.db)
     try:
         groups = group_rows(by, run(connection, query))
+        # Refused reports are not in the groups; show that they exist (reports only).
+        refused = quarantine_counts(connection) if args.source == "reports" else []
     finally:
         connection.close()
     if args.json:
-        data = {"source": args.source, "by": list(by), "groups": groups}
+        data: dict[str, Any] = {"source": args.source, "by": list(by), "groups": groups}
+        if args.source == "reports":
+            data["refused"] = [{"code": code, "count": count} for code, count in refused]
         out.write(orjson.dumps(data).decode() + "\n")
         return 0
     header = [*by, "count", "first_seen", "last_seen"]
-    table = [[str(g[name]) if g[name] is not None else "-" for name in header] for g in groups]
+    table = [
+        [terminal_safe(str(g[name])) if g[name] is not None else "-" for name in header]
+        for g in groups
+    ]
+    _write_table(out, header, table)
+    if not groups:
+        out.write(f"(no {args.source} match)\n")
+    if refused:
+        out.write(
+            f"\nrefused reports (all time, kept in quarantine): {sum(n for _, n in refused)}\n"
+        )
+        _write_table(out, ["code", "count"], [[terminal_safe(c), str(n)] for c, n in refused])
+    return 0
+
+
+def _write_table(out: TextIO, header: list[str], table: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         out.write("\n")
-    if not groups:
-        out.write("(no reports match)\n")
-    return 0
 
 
 def _prune(args: argparse.Namespace, out: TextIO) -> int:
+    from functools import partial
+
     from reporting_endpoint.queries import parse_time
-    from reporting_endpoint.storage.rollups import prune
-    from reporting_endpoint.storage.sqlite import open_connection
+    from reporting_endpoint.storage.deletion import prune_everything
 
     settings = Settings.from_env(db=args.db)
-    if not settings.db.is_file():
-        raise FileNotFoundError(f"no database at {settings.db}")
+    # Read-only first: a wrong --db must be refused before a write connection touches it.
+    _check_database(settings.db)
     cutoff = parse_time(args.older_than, "--older-than")
+    deletion = _delete(settings, partial(prune_everything, older_than_ms=cutoff))
+    out.write(
+        f"deleted {deletion.reports} report(s) and {deletion.crashes} crash(es) received before"
+        f" {args.older_than}; {deletion.files_removed} dump file(s) removed\n"
+    )
+    return 0
+
+
+def _delete(settings: Settings, job: Callable[[sqlite3.Connection], Any]) -> Any:
+    """Rows in one write transaction, then the files nothing references any more."""
+    from reporting_endpoint.storage.deletion import run_deletion
+    from reporting_endpoint.storage.sqlite import open_connection
+
     # A second writer beside a running service is safe: SQLite serialises the two transactions.
     connection = open_connection(settings.db, settings.sqlite_synchronous)
     try:
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            deleted = prune(connection, cutoff)
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        return run_deletion(connection, job, settings.data_dir)
     finally:
         connection.close()
-    out.write(f"deleted {deleted} report(s) received before {args.older_than}\n")
+
+
+def _delete_one(args: argparse.Namespace, out: TextIO) -> int:
+    import re
+
+    from reporting_endpoint.storage.deletion import Deletion, delete_crash, delete_report
+
+    settings = Settings.from_env(db=args.db)
+    _check_database(settings.db)
+    if args.report is not None:
+        if not re.fullmatch(r"[0-9]{1,18}", args.report):
+            raise ValueError(f"--report takes a report id (a whole number), got {args.report!r}")
+        report_id = int(args.report)
+
+        def job(connection: sqlite3.Connection) -> Deletion:
+            return Deletion(reports=int(delete_report(connection, report_id)))
+
+        what = f"report {report_id}"
+    else:
+        crash_id = args.crash.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{32}", crash_id):
+            raise ValueError(f"--crash takes a crash id (32 hex digits), got {args.crash!r}")
+
+        def job(connection: sqlite3.Connection) -> Deletion:
+            return delete_crash(connection, crash_id)
+
+        what = f"crash {crash_id}"
+    deletion = _delete(settings, job)
+    if not (deletion.reports or deletion.crashes):
+        print(f"reporting-endpoint delete: no {what} in {settings.db}", file=sys.stderr)
+        return 1
+    out.write(f"deleted {what}; {deletion.files_removed} dump file(s) removed\n")
     return 0
 
 
@@ -171,14 +371,15 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
         help="browser reports (default) or Crashpad minidump uploads",
     )
     filters = parser.add_argument_group("filters (exact match; times: 7d, 24h, 30m or ISO 8601)")
-    for name in ("type", "site", "origin", "browser", "browser_major", "os", "reason"):
-        filters.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    for name in ("type", "site", "origin", "browser", "browser_major", "reason"):
+        filters.add_argument(f"--{name.replace('_', '-')}", dest=name, help="reports only")
+    filters.add_argument("--os", dest="os", help="reports and crashes")
     for name in (
         "product", "version", "platform", "process_type", "signature", "cpu",
         "exception_name", "electron_version", "main_module", "crash_module", "parse_status",
     ):  # fmt: skip
         filters.add_argument(f"--{name.replace('_', '-')}", dest=name, help="crashes only")
-    filters.add_argument("--user-agent", dest="user_agent")
+    filters.add_argument("--user-agent", dest="user_agent", help="reports only")
     filters.add_argument("--since", help="received at or after, e.g. 7d")
     filters.add_argument("--until", help="received before")
 
@@ -198,10 +399,11 @@ def _header(args: argparse.Namespace, out: TextIO) -> int:
             js_stacks=args.js_stacks,
             allow_insecure=args.allow_insecure,
         )
+        text = render(build_headers(options), args.format)
     except HeaderError as exc:
         print(f"reporting-endpoint header: {exc}", file=sys.stderr)
         return 2
-    out.write(render(build_headers(options), args.format))
+    out.write(text)
     return 0
 
 
@@ -209,23 +411,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reporting-endpoint",
         description="Collect browser crash reports (W3C Reporting API) into SQLite.",
-        epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<NAME>.",
+        epilog=f"Every serve option can also be set as an environment variable {ENV_PREFIX}<NAME>"
+        " (e.g. --read-token as REPORTING_ENDPOINT_READ_TOKEN); a flag beats the variable.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
-    serve.add_argument("--db", type=Path, help="SQLite file, created when missing")
-    serve.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM)")
-    serve.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
+    _add_setting_flags(serve)
 
-    export = commands.add_parser("export", help="write stored reports as JSON lines or CSV")
+    export = commands.add_parser("export", help="write stored reports or crashes as JSONL or CSV")
     export.add_argument("--db", type=Path, help="SQLite file to read")
-    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument(
+        "--format",
+        choices=["jsonl", "csv"],
+        default="jsonl",
+        help="JSON lines (default) or CSV (nested values as JSON text; cells that a spreadsheet"
+        " would run as a formula are prefixed with ')",
+    )
     _add_filters(export)
 
-    stats = commands.add_parser("stats", help="count reports per group")
+    stats = commands.add_parser("stats", help="count reports or crashes per group")
     stats.add_argument("--db", type=Path, help="SQLite file to read")
     stats.add_argument(
         "--by",
@@ -237,29 +445,55 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON, as the API does")
     _add_filters(stats)
 
-    prune = commands.add_parser("prune", help="delete reports older than a given age")
+    prune = commands.add_parser(
+        "prune", help="delete reports and crashes (and their dumps) older than a given age"
+    )
     prune.add_argument("--db", type=Path, help="SQLite file")
     prune.add_argument("--older-than", required=True, help="e.g. 30d, 12h, or an ISO 8601 time")
+
+    delete = commands.add_parser(
+        "delete", help="delete one report or one crash (and its dump when nothing else uses it)"
+    )
+    delete.add_argument("--db", type=Path, help="SQLite file")
+    which = delete.add_mutually_exclusive_group(required=True)
+    which.add_argument("--report", metavar="ID", help="a report id, as export and the API show")
+    which.add_argument("--crash", metavar="ID", help="a crash id (32 hex digits)")
 
     header = commands.add_parser(
         "header", help="print the headers that make browsers report to the service"
     )
     header.add_argument("--url", required=True, help="the endpoint, e.g. https://r.example/reports")
-    header.add_argument("--max-age", type=int, default=86400, help="seconds (Report-To, NEL)")
-    header.add_argument("--include-subdomains", action="store_true")
+    header.add_argument(
+        "--max-age",
+        type=int,
+        default=86400,
+        help="seconds browsers keep the policy (Report-To, NEL)",
+    )
+    header.add_argument(
+        "--include-subdomains",
+        action="store_true",
+        help="apply Report-To and NEL to subdomains too",
+    )
     header.add_argument(
         "--no-crash-reporting", action="store_true", help="omit the crash-reporting endpoint name"
     )
     header.add_argument("--nel", action="store_true", help="add a Network Error Logging policy")
-    header.add_argument("--success-fraction", type=float, default=0.0, help="NEL, 0..1")
-    header.add_argument("--failure-fraction", type=float, default=1.0, help="NEL, 0..1")
+    header.add_argument(
+        "--success-fraction", type=float, default=0.0, help="NEL: share of successes reported, 0..1"
+    )
+    header.add_argument(
+        "--failure-fraction", type=float, default=1.0, help="NEL: share of failures reported, 0..1"
+    )
     header.add_argument(
         "--js-stacks",
         action="store_true",
         help="Document-Policy asking for JS stacks in unresponsive-page crash reports",
     )
     header.add_argument(
-        "--format", choices=["http", "json", "nginx", "caddy", "apache"], default="http"
+        "--format",
+        choices=["http", "json", "nginx", "caddy", "apache"],
+        default="http",
+        help="plain header lines (default), JSON, or a snippet for nginx, Caddy or Apache",
     )
     header.add_argument(
         "--allow-insecure", action="store_true", help="accept an http:// URL (local testing only)"
@@ -281,6 +515,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _stats(args, stream)
         if args.command == "prune":
             return _prune(args, stream)
+        if args.command == "delete":
+            return _delete_one(args, stream)
     except (SettingsError, FileNotFoundError) as exc:
         print(f"reporting-endpoint: {exc}", file=sys.stderr)
         return 2
@@ -290,9 +526,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except ValueError as exc:  # QueryError: a bad --by, --since, --limit ...
+    except ValueError as exc:  # QueryError (a bad --by, --since...), NotOurDatabase
         print(f"reporting-endpoint {args.command}: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.Error as exc:  # e.g. a database from a newer version, a locked file
+        db = getattr(args, "db", None)
+        print(f"reporting-endpoint {args.command}: cannot use {db}: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -13,8 +13,11 @@ if TYPE_CHECKING:  # the header command must start fast: no Starlette import at 
 
 DEFAULT_MAX_AGE = 86400
 DOCUMENT_POLICY_JS_STACKS = "include-js-call-stacks-in-crash-reports"
-# Characters RFC 3986 never allows unencoded; they would also break the config formats' quoting.
+# Characters RFC 3986 never allows unencoded; they would also break the config formats' quoting
+# (and keep out Caddy's {placeholders} and Apache's ${DEFINES}).
 _NOT_IN_URLS = frozenset(' "<>\\^`{|}')
+# Longer endpoint URLs only bloat every response; no real endpoint needs more.
+MAX_URL_LENGTH = 2048
 
 
 class HeaderError(ValueError):
@@ -47,6 +50,8 @@ class HeaderOptions:
 
 def check_endpoint_url(url: str, allow_insecure: bool = False) -> None:
     """Refuse what a browser would ignore: relative URLs, non-HTTPS, non-ASCII, credentials."""
+    if len(url) > MAX_URL_LENGTH:
+        raise HeaderError(f"the URL is {len(url)} characters long; at most {MAX_URL_LENGTH}")
     if not url.isascii() or not url.isprintable() or any(c in _NOT_IN_URLS for c in url):
         raise HeaderError(
             "the URL must be printable ASCII without spaces, quotes or <>\\^`{|} "
@@ -122,29 +127,53 @@ FORMATS = ("http", "json", "nginx", "caddy", "apache")
 
 
 def render(headers: Mapping[str, str], fmt: str = "http") -> str:
-    """The headers as text for a person or a server's config file."""
+    """The headers as text for a person or a server's config file.
+
+    Each server format is written so the server sends exactly these values: quoting for its
+    config syntax, and escaping of what it would otherwise expand at run time.
+    """
     if fmt == "http":
         return "".join(f"{name}: {value}\n" for name, value in headers.items())
     if fmt == "json":
         return json.dumps(dict(headers), indent=2) + "\n"
     if fmt == "nginx":
-        # Single quotes: the values hold double quotes; "always" adds them to error pages too.
-        quoted = {
-            name: value.replace("\\", "\\\\").replace("'", "\\'") for name, value in headers.items()
-        }
-        lines = (f"add_header {name} '{value}' always;" for name, value in quoted.items())
-        return "\n".join(lines) + "\n"
+        return _nginx(headers)
     if fmt == "caddy":
-        # Caddy's backquoted tokens take double quotes verbatim.
+        # Caddy's backquoted tokens take double quotes verbatim; the values cannot hold a
+        # backquote or a {placeholder} (the URL check refuses ` { }, the JSON has no "{x}").
         block = "".join(f"\t{name} `{value}`\n" for name, value in headers.items())
         return "header {\n" + block + "}\n"
     if fmt == "apache":
-        escaped = {
-            name: value.replace("\\", "\\\\").replace('"', '\\"') for name, value in headers.items()
-        }
-        lines = (f'Header always set {name} "{value}"' for name, value in escaped.items())
-        return "\n".join(lines) + "\n"
+        return _apache(headers)
     raise HeaderError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def _nginx(headers: Mapping[str, str]) -> str:
+    # add_header values are expanded at run time: "$host" becomes the client's Host header, and
+    # nginx has no escape for a literal "$". Refuse rather than serve a value the client chose.
+    for value in headers.values():
+        if "$" in value:
+            raise HeaderError(
+                "nginx would expand the '$' in the URL as a variable and has no escape for it; "
+                "write it as %24 in the URL, or use another --format"
+            )
+    # Single quotes: the values hold double quotes; "always" adds them to error pages too.
+    quoted = {
+        name: value.replace("\\", "\\\\").replace("'", "\\'") for name, value in headers.items()
+    }
+    lines = (f"add_header {name} '{value}' always;" for name, value in quoted.items())
+    return "\n".join(lines) + "\n"
+
+
+def _apache(headers: Mapping[str, str]) -> str:
+    # mod_headers reads %D, %t, %{VAR}e ... in values: "%%" is its literal percent sign. Then
+    # the config file's own double-quoted string syntax.
+    escaped = {
+        name: value.replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+        for name, value in headers.items()
+    }
+    lines = (f'Header always set {name} "{value}"' for name, value in escaped.items())
+    return "\n".join(lines) + "\n"
 
 
 class ReportingHeadersMiddleware:

@@ -1,7 +1,8 @@
-"""Pure ASGI middleware for the ingest routes: body-size limit while streaming, and CORS."""
+"""Pure ASGI middleware for the ingest routes: body size and body time limits, and CORS."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 
 from starlette.responses import Response
@@ -143,3 +144,90 @@ class CORSMiddleware:
         if not self.any_origin:
             headers["Vary"] = "Origin"
         return Response(status_code=204, headers=headers)
+
+
+class BodyTimeoutMiddleware:
+    """Answers 408 ``body_timeout`` when the next chunk of a request body is too long coming.
+
+    A per-chunk deadline (like nginx's ``client_body_timeout``): a large dump on a slow link
+    still arrives, a client that sends headers and then stalls does not hold the connection.
+    The answer is sent from here, in the format of the endpoint (``respond_for`` picks it by
+    path), with ``Connection: close``; the handler then sees ``http.disconnect`` and whatever
+    it sends afterwards is dropped. Once the body is complete ``receive`` is passed through
+    untouched, so waiting for a disconnect is not cut short.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        timeout: float,
+        respond_for: Callable[[str], Responder] | None = None,
+    ) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.respond_for = respond_for or _respond_by_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+        response_started = False
+        timed_out = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if timed_out:
+                return  # the 408 was the answer
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        async def timed_receive() -> Message:
+            nonlocal body_done, timed_out
+            if timed_out:
+                return {"type": "http.disconnect"}
+            if body_done:
+                return await receive()
+            try:
+                # asyncio.timeout, not wait_for: no task per chunk on the ingest hot path.
+                async with asyncio.timeout(self.timeout):
+                    message = await receive()
+            except TimeoutError:
+                if not response_started:
+                    problem = RequestRejected(
+                        408,
+                        "body_timeout",
+                        f"no part of the body arrived for {self.timeout:g} seconds",
+                        {"Connection": "close"},
+                    )
+                    await self.respond_for(scope["path"])(problem)(scope, receive, send)
+                timed_out = True
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        try:
+            await self.app(scope, timed_receive, guarded_send)
+        except Exception:
+            if not timed_out:
+                raise
+            # The client was already answered; a handler failing on the cut body is moot.
+
+
+def _respond_by_path(path: str) -> Responder:
+    if path.rstrip("/").endswith("/crashpad"):
+        from reporting_endpoint.crashpad import discarded
+
+        return _with_close(discarded)
+    return _json_rejection
+
+
+def _with_close(respond: Responder) -> Responder:
+    def closing(exc: RequestRejected) -> Response:
+        response = respond(exc)
+        response.headers.update(exc.headers)
+        return response
+
+    return closing

@@ -86,6 +86,7 @@ def start_service(
     certificate: TlsCertificate | None = None,
     env: dict[str, str] | None = None,
     port: int | None = None,
+    args: list[str] | None = None,
 ) -> RunningServer:
     port = port or free_port()
     command = [
@@ -95,6 +96,7 @@ def start_service(
     if certificate is not None:
         command += ["--ssl-certfile", str(certificate.cert_file)]
         command += ["--ssl-keyfile", str(certificate.key_file)]
+    command += args or []
     environment = {**os.environ, "REPORTING_ENDPOINT_LOG_LEVEL": "warning", **(env or {})}
     process = subprocess.Popen(command, env=environment)
     try:
@@ -119,9 +121,12 @@ def stop(server: RunningServer, timeout: float = 30) -> int:
 
 @contextmanager
 def running_service(
-    db: Path, certificate: TlsCertificate | None = None, env: dict[str, str] | None = None
+    db: Path,
+    certificate: TlsCertificate | None = None,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> Iterator[RunningServer]:
-    server = start_service(db, certificate, env)
+    server = start_service(db, certificate, env, args=args)
     try:
         yield server
     finally:
