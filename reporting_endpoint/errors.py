@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+
+log = logging.getLogger("reporting_endpoint.errors")
 
 # Reason codes for HTTP statuses Starlette itself raises (routing, methods).
 _STATUS_CODES = {
@@ -56,7 +59,19 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
 
+async def internal_error_handler(request: Request, exc: Exception) -> Response:
+    """Anything unexpected still answers in the one shape, and tells the client nothing about
+    the inside (no traceback, no SQL); the log has the details.
+
+    Starlette hands the ``Exception`` handler to its outermost ServerErrorMiddleware, which
+    re-raises after sending this, so the server logs the traceback as well.
+    """
+    log.error("unexpected error on %s %r: %s", request.method, request.url.path, type(exc).__name__)
+    return error_response(500, "internal_error", "the service hit an unexpected error")
+
+
 EXCEPTION_HANDLERS = {
     RequestRejected: rejected_handler,
     HTTPException: http_exception_handler,
+    Exception: internal_error_handler,
 }

@@ -6,6 +6,8 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Iterator
+from datetime import datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ from starlette.testclient import TestClient
 
 import reporting_endpoint
 from reporting_endpoint.app import create_app
+from reporting_endpoint.queries import quarantine_counts
 from reporting_endpoint.settings import Settings
 from tests.conftest import crash_report
+from tests.test_read_errors import insert_crash
 
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -255,3 +259,141 @@ def test_odd_parameters_never_cause_5xx(api: TestClient, path: str, query: str) 
     assert response.status_code < 500
     if response.status_code >= 400:
         assert response.json()["error"]["code"]
+
+
+def test_groups_say_when_more_exist_than_the_limit(api: TestClient, tmp_path: Path) -> None:
+    seed(api)
+    # Three sites: a limit of 2 leaves one out and says so; 3 or more shows them all.
+    cut = api.get("/api/groups?by=site&limit=2", headers=AUTH).json()
+    assert len(cut["groups"]) == 2 and cut["more"] is True
+    whole = api.get("/api/groups?by=site&limit=3", headers=AUTH).json()
+    assert len(whole["groups"]) == 3 and whole["more"] is False
+    for n in range(3):
+        insert_crash(tmp_path / "r.sqlite3", f"{n:032x}", product=f"App{n}")
+    crashes = api.get("/api/groups?source=crashes&by=product&limit=2", headers=AUTH).json()
+    assert len(crashes["groups"]) == 2 and crashes["more"] is True
+    crashes = api.get("/api/groups?source=crashes&by=product&limit=3", headers=AUTH).json()
+    assert len(crashes["groups"]) == 3 and crashes["more"] is False
+
+
+def test_timeseries_buckets_are_zero_filled(api: TestClient) -> None:
+    seed(api)
+    series = api.get("/api/timeseries?since=3h&type=crash", headers=AUTH).json()["series"]
+    # Every hour of the window is there, the quiet ones with 0.
+    assert len(series) == 4
+    times = [datetime.fromisoformat(p["time"].replace("Z", "+00:00")) for p in series]
+    assert all(b - a == timedelta(hours=1) for a, b in pairwise(times))
+    assert sum(p["count"] for p in series) == 9
+    assert sum(1 for p in series if p["count"] == 0) >= 2
+    by_reason = api.get("/api/timeseries?since=3h&type=crash&by=reason", headers=AUTH).json()
+    points = by_reason["series"]
+    assert len(points) == 4 * 3  # every hour for every reason seen
+    assert {p["reason"] for p in points} == {"oom", "unresponsive", None}
+    assert sum(p["count"] for p in points if p["reason"] == "oom") == 3
+
+
+def test_timeseries_windows_are_bounded(api: TestClient) -> None:
+    seed(api)
+    hourly = api.get("/api/timeseries?since=2000-01-01&bucket=hour", headers=AUTH)
+    assert hourly.status_code == 400
+    assert hourly.json()["error"]["code"] == "window_too_large"
+    daily = api.get("/api/timeseries?since=2010-01-01&bucket=day", headers=AUTH)
+    assert daily.status_code == 200
+    assert len(daily.json()["series"]) > 5000  # zero-filled from 2010
+    assert sum(p["count"] for p in daily.json()["series"]) == 10
+
+
+def test_timeseries_of_crashes(api: TestClient, tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+    base = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+    hour = 3_600_000
+    for n, (offset, platform) in enumerate(
+        [(0, "linux"), (10, "linux"), (hour + 5, "win32"), (3 * hour, "linux")]
+    ):
+        insert_crash(db, f"{n:032x}", received_at=base + offset, platform=platform)
+    query = "/api/timeseries?source=crashes&since=2026-01-01&until=2026-01-01T05:00:00Z"
+    series = api.get(query, headers=AUTH).json()
+    assert series["source"] == "crashes"
+    assert [(p["time"][11:16], p["count"]) for p in series["series"]] == [
+        ("00:00", 2),
+        ("01:00", 1),
+        ("02:00", 0),
+        ("03:00", 1),
+        ("04:00", 0),
+    ]
+    by = api.get(query + "&by=platform&platform=linux", headers=AUTH).json()["series"]
+    assert [(p["platform"], p["count"]) for p in by] == [
+        ("linux", 2),
+        ("linux", 0),
+        ("linux", 0),
+        ("linux", 1),
+        ("linux", 0),
+    ]
+    daily = api.get(query + "&bucket=day&by=platform", headers=AUTH).json()["series"]
+    assert {p["platform"]: p["count"] for p in daily} == {"linux": 3, "win32": 1}
+    bad = api.get("/api/timeseries?source=crashes&site=x", headers=AUTH)
+    assert bad.json()["error"]["code"] == "unknown_parameter"
+    assert api.get("/api/timeseries?source=nope", headers=AUTH).status_code == 400
+
+
+def insert_quarantined(db: Path, rows: list[tuple[int, str, str | None, str, int]]) -> None:
+    """(received_at, code, type, raw, truncated) rows, as the writer stores refused reports."""
+    connection = sqlite3.connect(db)
+    with connection:
+        connection.executemany(
+            "INSERT INTO quarantine (received_at, code, field, message, type, raw, truncated)"
+            " VALUES (?, ?, 'body.reason', 'not one of the known values', ?, ?, ?)",
+            rows,
+        )
+    connection.close()
+
+
+def test_quarantine_is_visible_in_the_api(api: TestClient, tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite3"
+    day = 86_400_000
+    base = 1_767_225_600_000  # 2026-01-01
+    report = {"type": "crash", "body": {"reason": "new-reason"}}
+    insert_quarantined(
+        db,
+        [
+            (base + n * day, "invalid_value" if n % 2 else "unknown_type", "crash",
+             json.dumps(report), 0)
+            for n in range(5)
+        ]
+        + [(base + 5 * day, "too_deep", None, '{"type": "crash", "body": {"a": [[[', 1)],
+    )  # fmt: skip
+    page = api.get("/api/quarantine?limit=4", headers=AUTH).json()
+    items = page["quarantine"]
+    assert [i["received_at"][:10] for i in items] == [
+        "2026-01-06",
+        "2026-01-05",
+        "2026-01-04",
+        "2026-01-03",
+    ]
+    assert items[0]["raw"] == '{"type": "crash", "body": {"a": [[[' and items[0]["truncated"]
+    assert items[0]["type"] is None and items[0]["code"] == "too_deep"
+    assert items[1]["raw"] == report and items[1]["field"] == "body.reason"
+    rest = api.get(f"/api/quarantine?limit=4&cursor={page['next_cursor']}", headers=AUTH).json()
+    assert len(rest["quarantine"]) == 2 and rest["next_cursor"] is None
+    ids = [i["id"] for i in items + rest["quarantine"]]
+    assert len(set(ids)) == 6
+    codes = api.get("/api/quarantine?code=invalid_value&type=crash", headers=AUTH).json()
+    assert {i["code"] for i in codes["quarantine"]} == {"invalid_value"}
+    assert len(codes["quarantine"]) == 2
+    window = api.get("/api/quarantine?since=2026-01-02&until=2026-01-04", headers=AUTH).json()
+    assert [i["received_at"][:10] for i in window["quarantine"]] == ["2026-01-03", "2026-01-02"]
+    one = api.get(f"/api/quarantine/{ids[1]}", headers=AUTH).json()
+    assert one == items[1]
+    missing = api.get("/api/quarantine/999999", headers=AUTH)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "quarantined_not_found"
+    assert api.get("/api/quarantine/x", headers=AUTH).json()["error"]["code"] == "invalid_id"
+    assert api.get("/api/quarantine?reason=x", headers=AUTH).status_code == 400
+    assert api.get("/api/quarantine").status_code == 401
+    connection = sqlite3.connect(db)
+    assert quarantine_counts(connection) == [
+        ("unknown_type", 3),
+        ("invalid_value", 2),
+        ("too_deep", 1),
+    ]
+    connection.close()
