@@ -11,9 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,14 +45,16 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
 
 @contextmanager
 def server(
-    command: list[str], port: int, env: dict[str, str] | None = None
+    command: list[str], port: int, env: dict[str, str] | None = None, kill: bool = False
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process for the block. ``kill`` ends it with SIGKILL: nothing queued gets
+    drained after the load, so the durability check sees only what each 2xx promised."""
     process = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=HERE)
     try:
         wait_for_port(port)
         yield process
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGKILL if kill else signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -85,6 +87,7 @@ class WrkResult:
     errors: int
     p50_ms: float
     p99_ms: float
+    acknowledged: list[str] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> int:
@@ -99,36 +102,97 @@ def _ms(value: str) -> float:
     return number * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
+# Replaced in a request body by a value unique to that request (thread number and counter).
+MARK = "@@MARK@@"
+
+# wrk calls request() and response() per thread; with one connection per thread each response
+# pairs with the latest request() (not a queue of them: wrk also calls request() once on the
+# first thread to check the script, and that request is never sent). Acknowledged requests (2xx) are
+# appended, one line each, to the thread's own file: the marker, or with ``record = "body"``
+# the response body (Crashpad's answer is the crash id).
+_SCRIPT = """
+local folder, count, content_type, record = {folder!r}, {count}, {content_type!r}, {record!r}
+local extra = {{ {extra} }}
+local bodies = {{}}
+for i = 1, count do
+  local f = assert(io.open(folder .. "/body" .. (i - 1), "rb"))
+  bodies[i] = f:read("*a")
+  f:close()
+end
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("number", threads)
+end
+local last, out, n = nil, nil, 0
+function init(args)
+  out = assert(io.open(folder .. "/acks-" .. number, "w"))
+  out:setvbuf("line")
+end
+function request()
+  n = n + 1
+  local marker = number .. "-" .. n
+  local body = bodies[(n % count) + 1]
+  if record == "marker" then body = body:gsub("{mark}", marker) end
+  last = marker
+  local headers = {{ ["Content-Type"] = content_type }}
+  for k, v in pairs(extra) do headers[k] = v end
+  return wrk.format("POST", nil, headers, body)
+end
+function response(status, headers, body)
+  if status >= 200 and status < 300 then
+    out:write((record == "body" and body or last), "\\n")
+  end
+end
+"""
+
+
 def run_wrk(
     url: str,
-    body: bytes,
+    bodies: Sequence[bytes],
     seconds: int,
     connections: int,
     content_type: str,
     headers: dict[str, str] | None = None,
+    record: str = "marker",
 ) -> WrkResult:
+    """Drive ``url`` with wrk, one thread a connection, cycling through ``bodies``.
+
+    Every ``MARK`` in a body becomes a marker unique to the request; ``WrkResult.acknowledged``
+    holds the marker (``record="marker"``) or response body (``record="body"``) of every 2xx.
+    """
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:
-        body_file = Path(tmp) / "body"
-        body_file.write_bytes(body)
+        for number, body in enumerate(bodies):
+            (Path(tmp) / f"body{number}").write_bytes(body)
         script = Path(tmp) / "post.lua"
+        extra = ", ".join(f"[{k!r}] = {v!r}" for k, v in (headers or {}).items())
         script.write_text(
-            f"local f = io.open({str(body_file)!r}, 'rb')\n"
-            "wrk.method = 'POST'\n"
-            "wrk.body = f:read('*a')\n"
-            "f:close()\n"
-            f"wrk.headers['Content-Type'] = {content_type!r}\n"
-            + "".join(f"wrk.headers[{k!r}] = {v!r}\n" for k, v in (headers or {}).items())
+            _SCRIPT.format(
+                folder=tmp,
+                count=len(bodies),
+                content_type=content_type,
+                record=record,
+                extra=extra,
+                mark=MARK,
+            )
         )
         out = subprocess.run(
-            [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+            [wrk, f"-t{connections}", f"-c{connections}", f"-d{seconds}s", "--latency",
+             "-s", str(script), url],
             check=True,
             capture_output=True,
             text=True,
             timeout=seconds + 60,
-        ).stdout
+        ).stdout  # fmt: skip
+        acknowledged = [
+            line
+            for acks in sorted(Path(tmp).glob("acks-*"))
+            for line in acks.read_text().splitlines()
+            if line
+        ]
     requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))  # type: ignore[union-attr]
     dur = re.search(r"requests in ([\d.]+\w+)", out).group(1)  # type: ignore[union-attr]
     non = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -144,4 +208,5 @@ def run_wrk(
         errors=sum(int(x) for x in errs.groups()) if errs else 0,
         p50_ms=_ms(p50),
         p99_ms=_ms(p99),
+        acknowledged=acknowledged,
     )

@@ -44,7 +44,10 @@ def service_lifespan(
             gc.freeze()
         pruner = None
         if retention_days is not None:
-            pruner = asyncio.create_task(retention_loop(storage, retention_days))
+            # With the data folder, retention covers crashes and their files too.
+            pruner = asyncio.create_task(
+                retention_loop(storage, retention_days, data_dir=analyzer.blobs.root)
+            )
         try:
             yield
         finally:
@@ -104,7 +107,11 @@ def create_app(
     """
     settings = settings or Settings.from_env()
     storage = storage or SQLiteStorage(
-        settings.db, queue_size=settings.queue_size, synchronous=settings.sqlite_synchronous
+        settings.db,
+        queue_size=settings.queue_size,
+        synchronous=settings.sqlite_synchronous,
+        write_lock_timeout=settings.write_lock_timeout,
+        quarantine_max_rows=settings.quarantine_max_rows,
     )
     analyzer = DumpAnalyzer(storage, BlobStore(settings.data_dir))
     app = Starlette(

@@ -50,6 +50,11 @@ class BlobStore:
         self.root = root
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
+        # Folders known to be on disk with their entries. Only added to after their fsync
+        # returned, so a concurrent upload never skips a sync another is still doing, and empty
+        # at start: a process that died between mkdir and fsync left them unknown. At most the
+        # tree plus 256 ``blobs/ab`` names.
+        self._synced: set[Path] = set()
 
     def ensure(self) -> None:
         # Dumps hold process memory: keep them readable by the service's user only.
@@ -75,9 +80,19 @@ class BlobStore:
         return BlobWriter(self.tmp)
 
     def commit(self, writer: BlobWriter) -> StoredBlob:
-        """Make the temp file durable and move it to its content address (blocking: call it
-        off the event loop)."""
+        """Make the file durable at its content address (blocking: call it off the event loop).
+
+        A file survives a power loss only once every folder on its path that gained or lost an
+        entry is synced too, so this syncs the file, its ``blobs/ab`` folder, ``tmp/`` (the
+        temp name left it), and, until this process has synced them once, ``blobs/`` (for the
+        entry ``ab``) and the folders up to the one that holds the data folder. The caller
+        commits the row only after.
+        """
         writer.file.flush()
+        # Stamp the commit time, not the last write's: a blob deletion running meanwhile skips
+        # files newer than its start (storage/deletion.py), and a slow upload's last write can
+        # be older than that while its row is still on the way.
+        os.utime(writer.file.fileno())
         os.fsync(writer.file.fileno())
         writer.file.close()
         digest = writer.hash.hexdigest()
@@ -86,6 +101,16 @@ class BlobStore:
         final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.replace(writer.path, final)
         _fsync_dir(final.parent)
+        _fsync_dir(self.tmp)
+        # blobs/ holds the entry of ab/, the data folder those of blobs/ and tmp/, and so on up.
+        for folder, entry in (
+            (self.blobs, final.parent),
+            (self.root, self.blobs),
+            (self.root.parent, self.root),
+        ):
+            if entry not in self._synced:
+                _fsync_dir(folder)
+                self._synced.add(entry)
         return StoredBlob(digest, writer.size, relative)
 
     def open_path(self, relative: str | Path) -> Path:

@@ -309,7 +309,8 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
     # Read-only first: a wrong --db must be refused before a write connection touches it.
     _check_database(settings.db)
     cutoff = parse_time(args.older_than, "--older-than")
-    deletion = _delete(settings, partial(prune_everything, older_than_ms=cutoff))
+    # prune also collects dump files an interrupted deletion left without a row.
+    deletion = _delete(settings, partial(prune_everything, older_than_ms=cutoff), sweep=True)
     out.write(
         f"deleted {deletion.reports} report(s) and {deletion.crashes} crash(es) received before"
         f" {args.older_than}; {deletion.files_removed} dump file(s) removed\n"
@@ -317,7 +318,9 @@ def _prune(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _delete(settings: Settings, job: Callable[[sqlite3.Connection], Any]) -> Any:
+def _delete(
+    settings: Settings, job: Callable[[sqlite3.Connection], Any], sweep: bool = False
+) -> Any:
     """Rows in one write transaction, then the files nothing references any more."""
     from reporting_endpoint.storage.deletion import run_deletion
     from reporting_endpoint.storage.sqlite import open_connection
@@ -325,7 +328,7 @@ def _delete(settings: Settings, job: Callable[[sqlite3.Connection], Any]) -> Any
     # A second writer beside a running service is safe: SQLite serialises the two transactions.
     connection = open_connection(settings.db, settings.sqlite_synchronous)
     try:
-        return run_deletion(connection, job, settings.data_dir)
+        return run_deletion(connection, job, settings.data_dir, sweep=sweep)
     finally:
         connection.close()
 

@@ -14,6 +14,7 @@ or headers and then nothing, holds its connection for ever. Here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -165,4 +166,6 @@ def serve(settings: Settings) -> None:
     check_files(settings)
     check_database(settings)
     app = create_app(settings, tune_gc=True)
-    uvicorn.Server(config(settings, app)).run()
+    # uvicorn.run does the same: Ctrl-C (SIGINT) is the normal way to stop, not an error.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config(settings, app)).run()

@@ -359,3 +359,19 @@ def test_files_left_by_an_interrupted_deletion_are_collected_later(
     assert api.portal.call(run).files_removed == 2  # type: ignore[union-attr]
     assert blob_files(settings) == {sha_of(settings, kept)[0]}
     assert api.get(f"/api/crashes/{kept}/minidump", headers=AS_READER).content == OTHER_DUMP
+
+
+def test_retention_in_the_service_covers_crashes(tmp_path: Path) -> None:
+    settings = Settings(db=tmp_path / "d.sqlite3", read_token=READ)
+    with TestClient(create_app(settings)) as client:
+        old = upload(client, DUMP)
+        kept = upload(client, OTHER_DUMP)
+    age_crashes(settings, [old], days=10)
+    kept_sha = sha_of(settings, kept)[0]
+    with TestClient(create_app(settings.replace(retention_days=7))) as client:
+        deadline = time.monotonic() + 10
+        while blob_files(settings) != {kept_sha} and time.monotonic() < deadline:
+            time.sleep(0.02)  # retention runs in the background at start
+        assert blob_files(settings) == {kept_sha}
+        assert client.get(f"/api/crashes/{old}", headers=AS_READER).status_code == 404
+        assert client.get(f"/api/crashes/{kept}/minidump", headers=AS_READER).content == OTHER_DUMP

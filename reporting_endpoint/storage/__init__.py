@@ -3,9 +3,11 @@
 from reporting_endpoint.storage.base import (
     QueueFull,
     Storage,
+    StorageBusy,
     StorageClosed,
     StorageError,
     StorageNotStarted,
+    WriterDown,
 )
 from reporting_endpoint.storage.sqlite import SQLiteStorage
 
@@ -13,7 +15,9 @@ __all__ = [
     "QueueFull",
     "SQLiteStorage",
     "Storage",
+    "StorageBusy",
     "StorageClosed",
     "StorageError",
     "StorageNotStarted",
+    "WriterDown",
 ]

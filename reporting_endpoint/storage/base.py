@@ -28,6 +28,18 @@ class QueueFull(StorageError):
     code = "queue_full"
 
 
+class StorageBusy(StorageError):
+    """Another process held the database's write lock for longer than the service waits."""
+
+    code = "storage_busy"
+
+
+class WriterDown(StorageError):
+    """The writer task is gone (crashed, restarting or given up): nothing can be committed."""
+
+    code = "writer_down"
+
+
 @dataclass(frozen=True, slots=True)
 class WriterHealth:
     alive: bool
