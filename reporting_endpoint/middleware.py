@@ -171,7 +171,7 @@ class BodyTimeoutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body_done = False
+        body_done = not _has_body(scope)
         response_started = False
         timed_out = False
 
@@ -181,6 +181,14 @@ class BodyTimeoutMiddleware:
                 return  # the 408 was the answer
             if message["type"] == "http.response.start":
                 response_started = True
+                if not body_done:
+                    # Answered before the body was read (415, 413, 401...): once the app is
+                    # done no deadline watches the rest of the body, and a client dribbling it
+                    # would hold the connection for ever. Close it after this answer.
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (b"connection", b"close")],
+                    }
             await send(message)
 
         async def timed_receive() -> Message:
@@ -214,6 +222,13 @@ class BodyTimeoutMiddleware:
             if not timed_out:
                 raise
             # The client was already answered; a handler failing on the cut body is moot.
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 def _respond_by_path(path: str) -> Responder:

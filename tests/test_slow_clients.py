@@ -155,6 +155,45 @@ def test_a_stalled_body_gets_408_text_on_crashpad(server: RunningServer) -> None
     assert payload == b"Discarded=body_timeout"
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"POST /reports HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n",
+        b"DELETE /api/reports/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+    ],
+    ids=["415 before the body", "401 before the body"],
+)
+def test_an_early_answer_does_not_leave_the_body_unwatched(
+    server: RunningServer, request_head: bytes
+) -> None:
+    """Answered before its body was read, a request must not keep its connection: nothing
+    watches the rest of that body, so a client dribbling it would hold the connection."""
+    with connect(server) as sock:
+        sock.sendall(request_head + b"Content-Length: 100000\r\n\r\n")
+        started = time.monotonic()
+        received, closed_at = wait_closed(sock, HEADER_TIMEOUT + BODY_TIMEOUT + SLACK, DRIBBLE)
+    assert received.startswith((b"HTTP/1.1 415 ", b"HTTP/1.1 401 ")), received
+    assert b"connection: close" in received.partition(b"\r\n\r\n")[0].lower()
+    assert closed_at is not None, "a dribbled body holds the connection after the answer"
+    assert closed_at - started <= HEADER_TIMEOUT + BODY_TIMEOUT + SLACK
+
+
+def test_requests_without_a_body_keep_their_connection(server: RunningServer) -> None:
+    with connect(server) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            for _ in range(50):
+                if answer.rstrip().endswith(b"}"):
+                    break
+                try:
+                    answer += sock.recv(65536)
+                except TimeoutError:
+                    continue
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert b"connection: close" not in answer.lower()
+
+
 def test_a_slow_but_steady_body_is_stored(server: RunningServer) -> None:
     """The body deadline is per chunk: each piece in time, the whole may take longer."""
     body = json.dumps([crash_report(url="https://slow.example/")]).encode()
