@@ -1,0 +1,42 @@
+"""Where minidumps and attachments live: a folder (default) or S3-compatible storage.
+
+``open_blob_store`` is the only place that chooses; everything else uses ``base.BlobStore``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reporting_endpoint.blobstores.base import (
+    BlobInfo,
+    BlobNotFound,
+    BlobStore,
+    BlobStream,
+    BlobWriter,
+    StoredBlob,
+)
+
+__all__ = [
+    "BlobInfo",
+    "BlobNotFound",
+    "BlobStore",
+    "BlobStream",
+    "BlobWriter",
+    "StoredBlob",
+    "open_blob_store",
+]
+
+
+def open_blob_store(spec: str, data_dir: Path) -> BlobStore:
+    """``""`` -> files under ``data_dir``; a folder path -> files there; ``s3://bucket/prefix``
+    -> that bucket (with ``data_dir/tmp`` for uploads in progress)."""
+    if spec.startswith("s3://"):
+        # Imported here so a deployment on the default store never loads the S3 client.
+        from reporting_endpoint.blobstores.s3 import S3BlobStore
+
+        return S3BlobStore(spec, data_dir)
+    if "://" in spec:
+        raise ValueError(f"unknown blob store {spec!r}: a folder path or s3://bucket/prefix")
+    from reporting_endpoint.blobstores.filesystem import FilesystemBlobStore
+
+    return FilesystemBlobStore(Path(spec) if spec else data_dir)

@@ -1,0 +1,166 @@
+"""The blob store protocol: where minidumps and attachments live, in the service's own terms.
+
+An upload streams into a local temp file (``BlobWriter``) that hashes and counts as it goes;
+``commit`` makes it durable at its content address and returns what the row records. Rows hold
+the key (``blobs/ab/<sha256>``), never a path or URL, so the same rows work on every store and
+a key from a row is checked before it touches a folder or a bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+# The only keys a store hands out or accepts: whatever a row holds, no other name reaches a
+# folder or a bucket (rows are written by us, but a restored or hand-edited database is data).
+_KEY = re.compile(r"blobs/([0-9a-f]{2})/\1[0-9a-f]{62}")
+TEMP_PREFIX = "upload-"
+TEMP_SUFFIX = ".part"
+
+
+class BlobNotFound(LookupError):
+    """No blob under that key (deleted, swept, or never stored)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """What a crash row records about one committed file."""
+
+    sha256: str
+    size: int
+    key: str  # ``blobs/ab/<sha256>``; the same on every store
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """One stored blob as a sweep sees it."""
+
+    key: str
+    size: int
+    modified_ns: int  # when it was last committed (a deletion skips blobs newer than its start)
+
+
+def key_for(sha256: str) -> str:
+    return validate_key(f"blobs/{sha256[:2]}/{sha256}")
+
+
+def validate_key(key: str) -> str:
+    """``key`` itself when it is a content address; ValueError otherwise."""
+    if not _KEY.fullmatch(key):
+        raise ValueError("not a blob key")
+    return key
+
+
+class BlobWriter:
+    """A local temp file being written: hashes and counts as it goes; ``head`` keeps the first
+    bytes (the caller checks the ``MDMP`` magic before committing).
+
+    Both stores take uploads this way: the body arrives at the client's pace, and S3 gets one
+    PUT of a finished file instead of a multipart upload held open by a slow client. ``write``
+    is a page-cache write from the multipart callbacks, as it was before the protocol.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        # mkstemp creates the file 0600: dumps hold process memory.
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+        self.path = Path(name)
+        self.file = os.fdopen(descriptor, "wb")
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        if len(self.head) < 8:
+            self.head += data[: 8 - len(self.head)]
+        self.hash.update(data)
+        self.file.write(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self.hash.hexdigest()
+
+    def discard(self) -> None:
+        """Drop the temp file (a rejected upload, or one whose content is stored already)."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class BlobStream(Protocol):
+    """An opened blob: its size first (for Content-Length), then its bytes in chunks."""
+
+    size: int
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Content-addressed storage for minidumps and attachments.
+
+    ``commit`` returns only once the blob is durable, so the caller may commit the row after
+    it; the same content is stored once. Every method that blocks runs off the event loop.
+    """
+
+    async def start(self) -> None:
+        """Create what the store needs locally and sweep temp files a killed process left."""
+
+    async def close(self) -> None: ...
+
+    def writer(self) -> BlobWriter:
+        """A new temp file for one upload's part."""
+        ...
+
+    async def commit(self, writer: BlobWriter) -> StoredBlob:
+        """Make the writer's file durable at its content address; the temp file is gone after.
+
+        When the blob exists already it is not written again, only marked as committed now.
+        """
+        ...
+
+    async def commit_all(self, writers: Sequence[BlobWriter]) -> list[StoredBlob]:
+        """``commit`` for every part of one upload, in order; on failure none is left to the
+        caller (the written ones become orphans for the sweep, never rows)."""
+        ...
+
+    async def open(self, key: str) -> BlobStream:
+        """The blob's size and bytes, for a download; BlobNotFound when it is gone."""
+        ...
+
+    def local_file(self, key: str) -> AbstractAsyncContextManager[Path]:
+        """A local file with the blob's bytes for as long as the context lasts (parsers want a
+        path); on S3 a temp download removed on exit. BlobNotFound when it is gone."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, key: str, *, unless_committed_after_ns: int | None = None) -> bool:
+        """Remove one blob durably; False when it was absent or committed after the given time
+        (an upload of the same content, whose row is on its way, reused it)."""
+        ...
+
+    async def delete_many(
+        self, keys: Sequence[str], *, unless_committed_after_ns: int | None = None
+    ) -> int:
+        """``delete`` for several keys; returns how many went."""
+        ...
+
+    def list_blobs(self) -> AsyncIterator[BlobInfo]:
+        """Every stored blob, for orphan sweeps (the caller compares with the rows)."""
+        ...
+
+    async def sweep(self, older_than_seconds: float = 3600) -> int:
+        """Remove temp files older than that (left by a killed process; never answered)."""
+        ...
