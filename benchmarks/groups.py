@@ -22,8 +22,8 @@ from common import free_port, server
 
 from reporting_endpoint.grouping import parse_user_agent, url_parts
 from reporting_endpoint.records import NewReport
-from reporting_endpoint.storage.rollups import write_reports
 from reporting_endpoint.storage.sqlite import migrate, open_connection
+from reporting_endpoint.storage.sqlite.rollups import write_reports
 
 TOKEN = "bench-token"
 # The bar; the other queries are printed for information.

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from functools import partial
 
 from reporting_endpoint.blobs import BlobStore
 from reporting_endpoint.minidump import parse_dump
 from reporting_endpoint.storage.base import Storage, StorageError
-from reporting_endpoint.storage.crashes import record_facts, record_failure
 
 log = logging.getLogger("reporting_endpoint.analysis")
 
@@ -37,13 +35,8 @@ class DumpAnalyzer:
     async def start(self) -> None:
         await asyncio.to_thread(self.blobs.sweep)
         self.queue = asyncio.Queue(QUEUE_SIZE)
-        rows = await self.storage.read(
-            "SELECT id, dump_path FROM crashes WHERE parse_status = 'pending'"
-            " ORDER BY received_at LIMIT ?",
-            (QUEUE_SIZE,),
-        )
-        for crash_id, dump_path in rows:
-            self.submit(crash_id, dump_path)
+        for pending in await self.storage.pending_crashes(QUEUE_SIZE):
+            self.submit(pending.id, pending.dump_path)
         self.task = asyncio.create_task(self._run(), name="reporting-endpoint-analyzer")
 
     async def stop(self) -> None:
@@ -75,8 +68,6 @@ class DumpAnalyzer:
             facts = await asyncio.to_thread(parse_dump, path)
         except Exception as exc:
             log.info("crash %s: dump not parsed: %s", crash_id, exc)
-            await self.storage.run_job(
-                partial(record_failure, crash_id=crash_id, error=f"{type(exc).__name__}: {exc}")
-            )
+            await self.storage.record_crash_failure(crash_id, f"{type(exc).__name__}: {exc}")
             return
-        await self.storage.run_job(partial(record_facts, crash_id=crash_id, facts=facts.as_dict()))
+        await self.storage.record_crash_facts(crash_id, facts.as_dict())

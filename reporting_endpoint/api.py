@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable
-from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -14,41 +13,30 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from reporting_endpoint import deletion
 from reporting_endpoint.blobs import BlobStore
 from reporting_endpoint.errors import RequestRejected, error_response
-from reporting_endpoint.queries import (
-    CRASH_DEFAULT_BY,
-    CRASH_DIMENSIONS,
-    CRASH_DUMP_PATH,
+from reporting_endpoint.params import (
     DIMENSIONS,
-    QUARANTINE_FILTERS,
-    Filters,
     QueryError,
     Window,
-    crash_groups_query,
-    crash_page,
-    crash_query,
-    crash_row_to_dict,
-    crash_timeseries_query,
-    crashes_query,
-    group_rows,
-    groups_query,
+    decode_crash_cursor,
+    decode_row_cursor,
+    encode_cursor,
+    parse_bucket,
     parse_by,
+    parse_filters,
     parse_int,
     parse_limit,
-    quarantine_page,
-    quarantine_query,
-    quarantine_row_to_dict,
-    quarantined_query,
-    report_page,
-    report_query,
-    report_row_to_dict,
-    reports_query,
     series_rows,
-    timeseries_query,
 )
-from reporting_endpoint.storage.base import Storage, StorageError
-from reporting_endpoint.storage.deletion import delete_crash, delete_report, delete_through
+from reporting_endpoint.storage.base import Page, Storage, StorageError
+from reporting_endpoint.storage.filters import (
+    CRASH_DEFAULT_BY,
+    CRASH_DIMENSIONS,
+    QUARANTINE_DIMENSIONS,
+    Source,
+)
 
 T = TypeVar("T")
 
@@ -59,7 +47,7 @@ ALLOWED_PARAMETERS = {
     "crashes": _CRASH | {"since", "until", "limit", "cursor"},
     "reports": _COMMON | {"since", "until", "limit", "cursor"},
     "timeseries": _COMMON | _CRASH | {"by", "since", "until", "bucket", "source"},
-    "quarantine": set(QUARANTINE_FILTERS) | {"since", "until", "limit", "cursor"},
+    "quarantine": set(QUARANTINE_DIMENSIONS) | {"since", "until", "limit", "cursor"},
 }
 
 
@@ -165,123 +153,119 @@ def _crash_id(request: Request) -> str:
     return crash_id
 
 
+def _page(page: Page, name: str) -> dict[str, Any]:
+    return {name: list(page.items), "next_cursor": encode_cursor(page.next)}
+
+
+def _source(value: str) -> Source:
+    if value == "reports":
+        return "reports"
+    if value == "crashes":
+        return "crashes"
+    raise QueryError("invalid_source", "source is reports or crashes")
+
+
 class ReadApi:
-    """The endpoints; every query goes through the storage's read-only connection."""
+    """The endpoints; every query goes through the storage protocol's reads (never the
+    writer's connection)."""
 
     def __init__(self, storage: Storage, blobs: BlobStore) -> None:
         self.storage = storage
         self.blobs = blobs
 
-    async def _read(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]:
+    async def _read(self, query: Awaitable[T]) -> T:
         try:
-            return await self.storage.read(sql, parameters)
+            return await query
         except StorageError as exc:
             raise RequestRejected(503, exc.code, "the report store is not available") from None
 
     async def groups(self, request: Request) -> Response:
         try:
             params = _params(request, "groups")
-            source = params.pop("source", "reports")
+            raw_source = params.pop("source", "reports")
             limit = parse_limit(params.get("limit"))
-            if source not in {"reports", "crashes"}:
-                raise QueryError("invalid_source", "source is reports or crashes")
+            source = _source(raw_source)
             dimensions = CRASH_DIMENSIONS if source == "crashes" else DIMENSIONS
             stray = set(params) - {"by", "since", "until", "limit"} - set(dimensions)
             if stray:
                 raise QueryError("unknown_parameter", f"{source} has no {sorted(stray)[0]!r}")
             if source == "crashes":
                 by = parse_by(params.get("by"), CRASH_DEFAULT_BY, CRASH_DIMENSIONS)
-                filters = Filters.parse(params, dimensions=CRASH_DIMENSIONS)
-                query = crash_groups_query(by, filters, limit + 1)
             else:
                 by = parse_by(params.get("by"))
-                filters = Filters.parse(params)
-                query = groups_query(by, filters, limit + 1)
+            filters = parse_filters(params, dimensions=dimensions)
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        rows = await self._read(query.sql, query.parameters)
-        # One row past the limit was asked for: it only says that more groups exist.
+        found = await self._read(self.storage.groups(source, by, filters, limit))
         return _json(
-            {
-                "source": source,
-                "by": list(by),
-                "groups": group_rows(by, rows[:limit]),
-                "more": len(rows) > limit,
-            }
+            {"source": source, "by": list(by), "groups": list(found.groups), "more": found.more}
         )
 
     async def crashes(self, request: Request) -> Response:
         try:
             params = _params(request, "crashes")
             limit = parse_limit(params.get("limit"))
-            filters = Filters.parse(params, dimensions=CRASH_DIMENSIONS)
-            query = crashes_query(filters, limit, params.get("cursor"))
+            filters = parse_filters(params, dimensions=CRASH_DIMENSIONS)
+            after = decode_crash_cursor(params.get("cursor"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        rows = await self._read(query.sql, query.parameters)
-        return _json(crash_page(rows, limit))
-
-    async def _crash_row(self, request: Request) -> tuple[Any, ...]:
-        crash_id = _crash_id(request)
-        query = crash_query(crash_id)
-        rows = await self._read(query.sql, query.parameters)
-        if not rows:
-            raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
-        return rows[0]
+        page = await self._read(self.storage.crash_page(filters, limit, after))
+        return _json(_page(page, "crashes"))
 
     async def crash(self, request: Request) -> Response:
-        return _json(crash_row_to_dict(await self._crash_row(request)))
+        crash_id = _crash_id(request)
+        found = await self._read(self.storage.get_crash(crash_id))
+        if found is None:
+            raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
+        return _json(found)
 
     async def minidump(self, request: Request) -> Response:
-        row = await self._crash_row(request)
+        crash_id = _crash_id(request)
+        dump_path = await self._read(self.storage.crash_dump_path(crash_id))
+        if dump_path is None:
+            raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
         # A hash path the service made itself; open_path also refuses anything outside blobs/.
-        path = self.blobs.open_path(row[CRASH_DUMP_PATH])
+        path = self.blobs.open_path(dump_path)
         if not path.is_file():
             raise RequestRejected(404, "minidump_missing", "the dump file is gone")
         return FileResponse(
             path,
             media_type="application/octet-stream",
-            filename=f"{row[0]}.dmp",
+            filename=f"{crash_id}.dmp",
         )
 
     async def reports(self, request: Request) -> Response:
         try:
             params = _params(request, "reports")
             limit = parse_limit(params.get("limit"))
-            query = reports_query(Filters.parse(params), limit, params.get("cursor"))
+            filters = parse_filters(params)
+            after = decode_row_cursor(params.get("cursor"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        rows = await self._read(query.sql, query.parameters)
-        return _json(report_page(rows, limit))
+        page = await self._read(self.storage.reports_page(filters, limit, after))
+        return _json(_page(page, "reports"))
 
     async def report(self, request: Request) -> Response:
         report_id = _row_id(request, "report_id", "report")
-        query = report_query(report_id)
-        rows = await self._read(query.sql, query.parameters)
-        if not rows:
+        found = await self._read(self.storage.get_report(report_id))
+        if found is None:
             raise RequestRejected(404, "report_not_found", f"no report with id {report_id}")
-        return _json(report_row_to_dict(rows[0], with_raw=True))
+        return _json(found)
 
     async def timeseries(self, request: Request) -> Response:
         try:
             params = _params(request, "timeseries")
-            source = params.pop("source", "reports")
-            if source not in {"reports", "crashes"}:
-                raise QueryError("invalid_source", "source is reports or crashes")
+            source = _source(params.pop("source", "reports"))
             dimensions = CRASH_DIMENSIONS if source == "crashes" else DIMENSIONS
             stray = set(params) - {"by", "since", "until", "bucket"} - set(dimensions)
             if stray:
                 raise QueryError("unknown_parameter", f"{source} has no {sorted(stray)[0]!r}")
             by = parse_by(params.get("by"), (), dimensions)
-            bucket = params.get("bucket", "hour")
-            filters = Filters.parse(params, dimensions=dimensions)
+            bucket = parse_bucket(params.get("bucket", "hour"))
+            filters = parse_filters(params, dimensions=dimensions)
             window = Window.of(bucket, filters)
-            if source == "crashes":
-                query = crash_timeseries_query(bucket, by, filters)
-            else:
-                query = timeseries_query(bucket, by, filters)
-            rows = await self._read(query.sql, query.parameters)
-            series = series_rows(by, rows, window.widen(rows))
+            counts = await self._read(self.storage.timeseries(source, bucket, by, filters))
+            series = series_rows(by, counts, window.widen(counts))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
         return _json({"source": source, "bucket": bucket, "by": list(by), "series": series})
@@ -290,42 +274,33 @@ class ReadApi:
         try:
             params = _params(request, "quarantine")
             limit = parse_limit(params.get("limit"))
-            filters = Filters.parse(params, dimensions=QUARANTINE_FILTERS)
-            query = quarantine_query(filters, limit, params.get("cursor"))
+            filters = parse_filters(params, dimensions=QUARANTINE_DIMENSIONS)
+            after = decode_row_cursor(params.get("cursor"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        rows = await self._read(query.sql, query.parameters)
-        return _json(quarantine_page(rows, limit))
+        page = await self._read(self.storage.quarantine_page(filters, limit, after))
+        return _json(_page(page, "quarantine"))
 
     async def quarantined(self, request: Request) -> Response:
         row_id = _row_id(request, "quarantine_id", "quarantined report")
-        query = quarantined_query(row_id)
-        rows = await self._read(query.sql, query.parameters)
-        if not rows:
+        found = await self._read(self.storage.get_quarantined(row_id))
+        if found is None:
             raise RequestRejected(404, "quarantined_not_found", f"no quarantined id {row_id}")
-        return _json(quarantine_row_to_dict(rows[0]))
-
-    async def _write(self, job: Awaitable[T]) -> T:
-        try:
-            return await job
-        except StorageError as exc:
-            raise RequestRejected(503, exc.code, "the report store is not available") from None
+        return _json(found)
 
     async def delete_report(self, request: Request) -> Response:
         report_id = _row_id(request, "report_id", "report")
-        job = partial(delete_report, report_id=report_id)
-        deleted = await self._write(self.storage.run_job(job))
+        deleted = await self._read(self.storage.delete_report(report_id))
         if not deleted:
             raise RequestRejected(404, "report_not_found", f"no report with id {report_id}")
         return _json({"deleted": {"reports": 1, "crashes": 0, "files": 0}})
 
     async def delete_crash(self, request: Request) -> Response:
         crash_id = _crash_id(request)
-        job = partial(delete_crash, crash_id=crash_id)
-        deletion = await self._write(delete_through(self.storage, job, self.blobs.root))
-        if not deletion.crashes:
+        gone = await self._read(deletion.delete_crash(self.storage, crash_id, self.blobs.root))
+        if not gone.crashes:
             raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
-        return _json({"deleted": {"reports": 0, "crashes": 1, "files": deletion.files_removed}})
+        return _json({"deleted": {"reports": 0, "crashes": 1, "files": gone.files_removed}})
 
     def routes(self) -> list[Route]:
         return [

@@ -23,7 +23,7 @@ from reporting_endpoint.middleware import BodyLimitMiddleware, CORSMiddleware
 from reporting_endpoint.reports import ReportsEndpoint
 from reporting_endpoint.retention import retention_loop
 from reporting_endpoint.settings import Settings
-from reporting_endpoint.storage import SQLiteStorage, Storage
+from reporting_endpoint.storage import Storage, open_storage
 from reporting_endpoint.validation import default_validator
 
 
@@ -106,13 +106,7 @@ def create_app(
     is process-wide, so only the standalone server (``serve``) turns it on.
     """
     settings = settings or Settings.from_env()
-    storage = storage or SQLiteStorage(
-        settings.db,
-        queue_size=settings.queue_size,
-        synchronous=settings.sqlite_synchronous,
-        write_lock_timeout=settings.write_lock_timeout,
-        quarantine_max_rows=settings.quarantine_max_rows,
-    )
+    storage = storage or open_storage(settings.database_url, settings)
     analyzer = DumpAnalyzer(storage, BlobStore(settings.data_dir))
     app = Starlette(
         routes=routes(settings, storage, analyzer),

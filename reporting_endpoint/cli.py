@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import sqlite3
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from reporting_endpoint import __version__
 from reporting_endpoint.settings import ENV_PREFIX, Settings, SettingsError
+from reporting_endpoint.store_commands import db_flag_wins
+
+if TYPE_CHECKING:
+    pass
+
+T = TypeVar("T")
 
 # Help for every `serve` option, one per Settings field: the parser is built from this table,
 # so a new setting without a flag (or a flag without help) fails tests/test_cli.py.
@@ -20,6 +25,7 @@ SETTING_HELP: dict[str, str] = {
     "host": "address to bind (default 127.0.0.1)",
     "port": "port to bind (default 8000)",
     "db": "SQLite file, created when missing (default reports.sqlite3)",
+    "database": "database URL, beats --db: a SQLite path or sqlite:///path",
     "ssl_certfile": "TLS certificate chain (PEM); serve HTTPS with --ssl-keyfile",
     "ssl_keyfile": "TLS private key (PEM)",
     "max_body_bytes": "largest /reports upload in bytes (default 1048576)",
@@ -104,265 +110,14 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment first, then every flag given on the command line."""
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
-    return Settings.from_env(**overrides)
+    settings = Settings.from_env(**overrides)
+    return db_flag_wins(settings, overrides.get("db"), overrides.get("database"))
 
 
 def _serve(args: argparse.Namespace) -> int:
     from reporting_endpoint.server import serve
 
     serve(settings_from_args(args))
-    return 0
-
-
-class NotOurDatabase(ValueError):
-    """The --db file exists but is not a reporting-endpoint database."""
-
-
-def _check_database(path: Path) -> None:
-    """Refuse, by name, a file that is not this service's database (before anything writes)."""
-    from reporting_endpoint.queries import open_readonly
-
-    connection = open_readonly(path)
-    try:
-        tables = {
-            row[0]
-            for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
-        }
-    except sqlite3.DatabaseError as exc:
-        raise NotOurDatabase(f"{path} is not a reporting-endpoint database ({exc})") from None
-    finally:
-        connection.close()
-    missing = {"reports", "crashes"} - tables
-    if missing:
-        raise NotOurDatabase(
-            f"{path} is not a reporting-endpoint database (it has no {sorted(missing)[0]} table)"
-        )
-
-
-def _open_database(path: Path) -> sqlite3.Connection:
-    from reporting_endpoint.queries import open_readonly
-
-    _check_database(path)
-    return open_readonly(path)
-
-
-# OWASP CSV injection: a cell starting with one of these is a formula to a spreadsheet.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: object) -> object:
-    """A value safe to open in a spreadsheet: text that could start a formula gets a ``'``."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
-
-
-def _write_csv(out: TextIO, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    import csv
-
-    import orjson
-
-    writer = csv.writer(out)
-    writer.writerow(columns)
-    for row in rows:
-        cells = []
-        for name in columns:
-            value = row.get(name)
-            if isinstance(value, dict | list):
-                value = orjson.dumps(value).decode()
-            cells.append(csv_cell(value))
-        writer.writerow(cells)
-
-
-def terminal_safe(text: str) -> str:
-    """Escape what a terminal would act on (ESC sequences, bidi overrides, newlines...)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
-def _filters(args: argparse.Namespace) -> Any:
-    from reporting_endpoint.queries import CRASH_DIMENSIONS, DIMENSIONS, Filters
-
-    dimensions = CRASH_DIMENSIONS if args.source == "crashes" else DIMENSIONS
-    params = {
-        name: getattr(args, name)
-        for name in (*DIMENSIONS, *CRASH_DIMENSIONS)
-        if getattr(args, name, None) is not None
-    }
-    stray = set(params) - set(dimensions)
-    if stray:
-        raise ValueError(f"--{sorted(stray)[0].replace('_', '-')} does not apply to {args.source}")
-    if args.since:
-        params["since"] = args.since
-    if args.until:
-        params["until"] = args.until
-    return Filters.parse(params, dimensions=dimensions)
-
-
-CSV_COLUMNS = (
-    "id", "received_at", "generated_at", "type", "url", "user_agent", "age", "origin", "site",
-    "browser", "browser_major", "os", "reason", "body",
-)  # fmt: skip
-# Nested values (annotations, query, attachments) are JSON text in their cell.
-CRASH_CSV_COLUMNS = (
-    "id", "received_at", "product", "version", "platform", "process_type", "electron_version",
-    "signature", "parse_status", "parse_error", "os", "os_version", "cpu", "exception_name",
-    "exception_code_hex", "crash_address_hex", "crashing_thread", "main_module",
-    "main_module_version", "crash_module", "crash_offset_hex", "guid", "dump_sha256",
-    "dump_size", "upload_bytes", "annotations", "query", "attachments",
-)  # fmt: skip
-
-
-def _export(args: argparse.Namespace, out: TextIO) -> int:
-    import orjson
-
-    from reporting_endpoint.queries import iter_crashes, iter_reports
-
-    settings = Settings.from_env(db=args.db)
-    filters = _filters(args)
-    connection = _open_database(settings.db)
-    try:
-        rows = (
-            iter_crashes(connection, filters)
-            if args.source == "crashes"
-            else iter_reports(connection, filters)
-        )
-        if args.format == "csv":
-            columns = CRASH_CSV_COLUMNS if args.source == "crashes" else CSV_COLUMNS
-            _write_csv(out, columns, rows)
-        else:
-            for row in rows:
-                out.write(orjson.dumps(row).decode())
-                out.write("\n")
-    finally:
-        connection.close()
-    return 0
-
-
-def _stats(args: argparse.Namespace, out: TextIO) -> int:
-    import orjson
-
-    from reporting_endpoint.queries import (
-        CRASH_DEFAULT_BY,
-        CRASH_DIMENSIONS,
-        crash_groups_query,
-        group_rows,
-        groups_query,
-        parse_by,
-        parse_limit,
-        quarantine_counts,
-        run,
-    )
-
-    settings = Settings.from_env(db=args.db)
-    limit = parse_limit(str(args.limit))
-    if args.source == "crashes":
-        by = parse_by(args.by, CRASH_DEFAULT_BY, CRASH_DIMENSIONS)
-        query = crash_groups_query(by, _filters(args), limit)
-    else:
-        by = parse_by(args.by)
-        query = groups_query(by, _filters(args), limit)
-    connection = _open_database(settings.db)
-    try:
-        groups = group_rows(by, run(connection, query))
-        # Refused reports are not in the groups; show that they exist (reports only).
-        refused = quarantine_counts(connection) if args.source == "reports" else []
-    finally:
-        connection.close()
-    if args.json:
-        data: dict[str, Any] = {"source": args.source, "by": list(by), "groups": groups}
-        if args.source == "reports":
-            data["refused"] = [{"code": code, "count": count} for code, count in refused]
-        out.write(orjson.dumps(data).decode() + "\n")
-        return 0
-    header = [*by, "count", "first_seen", "last_seen"]
-    table = [
-        [terminal_safe(str(g[name])) if g[name] is not None else "-" for name in header]
-        for g in groups
-    ]
-    _write_table(out, header, table)
-    if not groups:
-        out.write(f"(no {args.source} match)\n")
-    if refused:
-        out.write(
-            f"\nrefused reports (all time, kept in quarantine): {sum(n for _, n in refused)}\n"
-        )
-        _write_table(out, ["code", "count"], [[terminal_safe(c), str(n)] for c, n in refused])
-    return 0
-
-
-def _write_table(out: TextIO, header: list[str], table: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
-    for row in [header, *table]:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-        out.write("\n")
-
-
-def _prune(args: argparse.Namespace, out: TextIO) -> int:
-    from functools import partial
-
-    from reporting_endpoint.queries import parse_time
-    from reporting_endpoint.storage.deletion import prune_everything
-
-    settings = Settings.from_env(db=args.db)
-    # Read-only first: a wrong --db must be refused before a write connection touches it.
-    _check_database(settings.db)
-    cutoff = parse_time(args.older_than, "--older-than")
-    # prune also collects dump files an interrupted deletion left without a row.
-    deletion = _delete(settings, partial(prune_everything, older_than_ms=cutoff), sweep=True)
-    out.write(
-        f"deleted {deletion.reports} report(s) and {deletion.crashes} crash(es) received before"
-        f" {args.older_than}; {deletion.files_removed} dump file(s) removed\n"
-    )
-    return 0
-
-
-def _delete(
-    settings: Settings, job: Callable[[sqlite3.Connection], Any], sweep: bool = False
-) -> Any:
-    """Rows in one write transaction, then the files nothing references any more."""
-    from reporting_endpoint.storage.deletion import run_deletion
-    from reporting_endpoint.storage.sqlite import open_connection
-
-    # A second writer beside a running service is safe: SQLite serialises the two transactions.
-    connection = open_connection(settings.db, settings.sqlite_synchronous)
-    try:
-        return run_deletion(connection, job, settings.data_dir, sweep=sweep)
-    finally:
-        connection.close()
-
-
-def _delete_one(args: argparse.Namespace, out: TextIO) -> int:
-    import re
-
-    from reporting_endpoint.storage.deletion import Deletion, delete_crash, delete_report
-
-    settings = Settings.from_env(db=args.db)
-    _check_database(settings.db)
-    if args.report is not None:
-        if not re.fullmatch(r"[0-9]{1,18}", args.report):
-            raise ValueError(f"--report takes a report id (a whole number), got {args.report!r}")
-        report_id = int(args.report)
-
-        def job(connection: sqlite3.Connection) -> Deletion:
-            return Deletion(reports=int(delete_report(connection, report_id)))
-
-        what = f"report {report_id}"
-    else:
-        crash_id = args.crash.strip().lower()
-        if not re.fullmatch(r"[0-9a-f]{32}", crash_id):
-            raise ValueError(f"--crash takes a crash id (32 hex digits), got {args.crash!r}")
-
-        def job(connection: sqlite3.Connection) -> Deletion:
-            return delete_crash(connection, crash_id)
-
-        what = f"crash {crash_id}"
-    deletion = _delete(settings, job)
-    if not (deletion.reports or deletion.crashes):
-        print(f"reporting-endpoint delete: no {what} in {settings.db}", file=sys.stderr)
-        return 1
-    out.write(f"deleted {what}; {deletion.files_removed} dump file(s) removed\n")
     return 0
 
 
@@ -410,6 +165,10 @@ def _header(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+STORE_COMMANDS = {"export": "export", "stats": "stats", "prune": "prune", "delete": "delete_one"}
+_DATABASE_HELP = "database URL, beats --db: a SQLite path or sqlite:///path"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reporting-endpoint",
@@ -427,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write stored reports or crashes as JSONL or CSV")
     export.add_argument("--db", type=Path, help="SQLite file to read")
+    export.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     export.add_argument(
         "--format",
         choices=["jsonl", "csv"],
@@ -438,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("stats", help="count reports or crashes per group")
     stats.add_argument("--db", type=Path, help="SQLite file to read")
+    stats.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     stats.add_argument(
         "--by",
         help="comma-separated; reports: type, site, origin, browser, browser_major, os, reason,"
@@ -452,12 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prune", help="delete reports and crashes (and their dumps) older than a given age"
     )
     prune.add_argument("--db", type=Path, help="SQLite file")
+    prune.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     prune.add_argument("--older-than", required=True, help="e.g. 30d, 12h, or an ISO 8601 time")
 
     delete = commands.add_parser(
         "delete", help="delete one report or one crash (and its dump when nothing else uses it)"
     )
     delete.add_argument("--db", type=Path, help="SQLite file")
+    delete.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
     which = delete.add_mutually_exclusive_group(required=True)
     which.add_argument("--report", metavar="ID", help="a report id, as export and the API show")
     which.add_argument("--crash", metavar="ID", help="a crash id (32 hex digits)")
@@ -505,21 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    from reporting_endpoint.storage.base import StorageError, StorageFailure
+
     args = build_parser().parse_args(argv)
     stream = out or sys.stdout
     try:
         if args.command == "serve":
             return _serve(args)
-        if args.command == "export":
-            return _export(args, stream)
+        if args.command in STORE_COMMANDS:
+            from reporting_endpoint import store_commands
+
+            command = getattr(store_commands, STORE_COMMANDS[args.command])
+            return int(command(args, stream))
         if args.command == "header":
             return _header(args, stream)
-        if args.command == "stats":
-            return _stats(args, stream)
-        if args.command == "prune":
-            return _prune(args, stream)
-        if args.command == "delete":
-            return _delete_one(args, stream)
     except (SettingsError, FileNotFoundError) as exc:
         print(f"reporting-endpoint: {exc}", file=sys.stderr)
         return 2
@@ -532,8 +294,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ValueError as exc:  # QueryError (a bad --by, --since...), NotOurDatabase
         print(f"reporting-endpoint {args.command}: {exc}", file=sys.stderr)
         return 2
-    except sqlite3.Error as exc:  # e.g. a database from a newer version, a locked file
-        db = getattr(args, "db", None)
+    except (StorageError, StorageFailure) as exc:  # e.g. a corrupt or locked database
+        db = getattr(args, "database", None) or getattr(args, "db", None)
         print(f"reporting-endpoint {args.command}: cannot use {db}: {exc}", file=sys.stderr)
         return 1
     return 2

@@ -7,7 +7,6 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -18,9 +17,9 @@ from starlette.types import Receive, Scope, Send
 
 from reporting_endpoint.blobs import BlobStore, BlobWriter, StoredBlob
 from reporting_endpoint.errors import RequestRejected
+from reporting_endpoint.records import NewCrash
 from reporting_endpoint.settings import Settings
 from reporting_endpoint.storage.base import Storage, StorageError
-from reporting_endpoint.storage.crashes import NewCrash, insert_crash
 
 DUMP_FIELD = "upload_file_minidump"
 MINIDUMP_MAGIC = b"MDMP"
@@ -327,5 +326,5 @@ class CrashpadEndpoint:
             attachments=attachments,
             upload_bytes=upload_bytes,
         )
-        await self.storage.run_job(partial(insert_crash, crash=crash))
+        await self.storage.insert_crash(crash)
         return crash

@@ -66,7 +66,11 @@ async def internal_error_handler(request: Request, exc: Exception) -> Response:
     Starlette hands the ``Exception`` handler to its outermost ServerErrorMiddleware, which
     re-raises after sending this, so the server logs the traceback as well.
     """
-    log.error("unexpected error on %s %r: %s", request.method, request.url.path, type(exc).__name__)
+    name = type(exc).__name__
+    if exc.__cause__ is not None:
+        # A storage failure names the driver's error it wraps (OperationalError, ...).
+        name += f" ({type(exc.__cause__).__name__})"
+    log.error("unexpected error on %s %r: %s", request.method, request.url.path, name)
     return error_response(500, "internal_error", "the service hit an unexpected error")
 
 

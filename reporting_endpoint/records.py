@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +29,8 @@ class NewReport:
     raw: str
 
     def row(self) -> tuple[object, ...]:
-        """Column values in INSERT order (dataclasses.astuple deep-copies: 20x slower)."""
+        """Column values in the order every backend writes them (dataclasses.astuple deep-copies:
+        20x slower)."""
         return (
             self.received_at,
             self.generated_at,
@@ -64,7 +66,7 @@ class RejectedReport:
     truncated: bool
 
     def row(self) -> tuple[object, ...]:
-        """Column values in the quarantine table's INSERT order."""
+        """Column values in the order every backend writes a quarantined report."""
         return (
             self.received_at,
             self.code,
@@ -74,3 +76,24 @@ class RejectedReport:
             self.raw,
             int(self.truncated),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class NewCrash:
+    """A stored Crashpad upload, ready to be committed; its dump file already exists."""
+
+    id: str
+    received_at: int
+    product: str | None
+    version: str | None
+    guid: str | None
+    platform: str | None
+    process_type: str | None
+    electron_version: str | None
+    annotations: dict[str, str]
+    query: dict[str, str]
+    dump_sha256: str
+    dump_size: int
+    dump_path: str
+    attachments: tuple[dict[str, Any], ...]
+    upload_bytes: int

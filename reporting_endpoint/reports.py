@@ -216,7 +216,7 @@ class ReportsEndpoint:
         try:
             # Refused reports commit with the accepted ones: the browser deletes every report
             # of an upload it got a 200 for, so the 200 must come after both are durable.
-            await self.storage.submit(accepted, quarantine)
+            await self.storage.submit_reports(accepted, quarantine)
         except QueueFull:
             raise RequestRejected(
                 503,

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
-from reporting_endpoint.queries import now_ms
-from reporting_endpoint.storage.base import Storage, StorageError
-from reporting_endpoint.storage.deletion import (
-    ORPHAN_GRACE_NS,
-    Deletion,
-    delete_through,
-    prune_everything,
-    sweep_orphans,
-)
-from reporting_endpoint.storage.rollups import prune
+from reporting_endpoint import deletion as deleting
+from reporting_endpoint.params import now_ms
+from reporting_endpoint.storage.base import Deletion, Storage, StorageError
 
 log = logging.getLogger("reporting_endpoint.retention")
 
@@ -28,23 +18,18 @@ INTERVAL_SECONDS = 3600.0
 
 
 async def prune_deletion(storage: Storage, days: int, data_dir: Path | None = None) -> Deletion:
-    """Delete what is past retention now (through the writer), files after the rows.
+    """Delete what is past retention now (through the storage), files after the rows.
 
     Without ``data_dir`` (where the blob files live) crashes are kept: deleting their rows
     without their files would leave dumps on disk that nothing can find any more.
     """
     cutoff = now_ms() - days * DAY_MS
     if data_dir is None:
-        deletion = Deletion(reports=await storage.run_job(partial(prune, older_than_ms=cutoff)))
+        deletion = await storage.prune(cutoff, crashes=False)
     else:
-        job = partial(prune_everything, older_than_ms=cutoff)
-        deletion = await delete_through(storage, job, data_dir)
-        # Files an earlier run could not remove (killed between its commit and its unlinks).
-        sweep = partial(
-            sweep_orphans, root=data_dir, written_before_ns=time.time_ns() - ORPHAN_GRACE_NS
-        )
-        orphans = await storage.run_job(sweep)
-        deletion = replace(deletion, files_removed=deletion.files_removed + orphans)
+        # The sweep takes files an earlier run could not remove (killed between its commit
+        # and its unlinks).
+        deletion = await deleting.prune(storage, cutoff, data_dir, sweep=True)
     if deletion.reports or deletion.crashes:
         log.info(
             "retention: deleted %d report(s), %d crash(es) and %d file(s) older than %d day(s)",

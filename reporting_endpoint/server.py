@@ -114,22 +114,11 @@ def check_files(settings: Settings) -> None:
 
 
 def check_database(settings: Settings) -> None:
-    """A --db that exists must be SQLite: say so by name instead of a traceback from startup."""
-    import sqlite3
+    """A database that exists must be one the service can use: said by name (a SettingsError)
+    instead of a traceback from startup."""
+    from reporting_endpoint.storage import check_database as check
 
-    path = settings.db
-    if path.exists() and not path.is_file():
-        raise SettingsError(f"db: {path} is not a file")
-    if not path.is_file() or path.stat().st_size == 0:
-        return  # created (or filled) by the first start
-    try:
-        connection = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
-        try:
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        finally:
-            connection.close()
-    except sqlite3.Error as exc:
-        raise SettingsError(f"db: {path} is not a reporting-endpoint database ({exc})") from None
+    check(settings.database_url)
 
 
 def wrap(app: ASGIApp, settings: Settings) -> ASGIApp:

@@ -25,6 +25,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     db: Path = Path("reports.sqlite3")
+    # A database URL; beats db when set: a path or sqlite:///path is SQLite.
+    database: str | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     # W3C uploads: Chromium batches at most 100 queued reports, so 1 MiB is generous.
@@ -95,13 +97,22 @@ class Settings:
             raise SettingsError("cors_max_age must not be negative")
         if self.sqlite_synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
             raise SettingsError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
+        if self.database is not None and not self.database.strip():
+            raise SettingsError("database must not be empty (or unset to use db)")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise SettingsError("ssl_certfile and ssl_keyfile go together")
 
     @property
+    def database_url(self) -> str:
+        """The database to use: ``database`` when set, else the ``db`` file."""
+        return self.database if self.database is not None else str(self.db)
+
+    @property
     def data_dir(self) -> Path:
-        """Folder beside the database for files that are not rows (minidumps)."""
-        return self.db.with_name(self.db.name + ".data")
+        """Folder beside the database file for files that are not rows (minidumps); beside
+        ``db`` when the database is a server."""
+        path = sqlite_file(self.database_url) or self.db
+        return path.with_name(path.name + ".data")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -146,3 +157,20 @@ def _convert(name: str, type_name: str, raw: str) -> Any:
         return raw
     except ValueError as exc:
         raise SettingsError(f"{ENV_PREFIX}{name.upper()}: cannot use {raw!r}") from exc
+
+
+SQLITE_SCHEME = "sqlite://"
+
+
+def sqlite_file(database: str) -> Path | None:
+    """The SQLite file a database setting names (a plain path, or ``sqlite://`` followed by
+    the path, so ``sqlite:///var/r.sqlite3`` is ``/var/r.sqlite3``); None for a URL of
+    another scheme (a database server)."""
+    if database.startswith(SQLITE_SCHEME):
+        rest = database[len(SQLITE_SCHEME) :]
+        if not rest:
+            raise SettingsError("database: sqlite:// needs a path, e.g. sqlite:///var/r.sqlite3")
+        return Path(rest)
+    if "://" in database:
+        return None
+    return Path(database)

@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 
 from reporting_endpoint.app import create_app
 from reporting_endpoint.settings import Settings
+from tests.postgres import postgres, postgres_url  # noqa: F401 (the fixtures, for every test)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -61,6 +62,19 @@ def stored_rows(db: Path) -> list[dict[str, Any]]:
         return [dict(row) for row in connection.execute("SELECT * FROM reports ORDER BY id")]
     finally:
         connection.close()
+
+
+# Storage backends the parity suite (tests/test_storage_parity.py) runs against; a backend
+# adds its name here and a branch to ``database_url``.
+STORAGE_BACKENDS = ["sqlite"]
+
+
+@pytest.fixture(params=STORAGE_BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each backend, as the ``database`` setting names it."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/parity.sqlite3"
+    raise NotImplementedError(request.param)
 
 
 @pytest.fixture

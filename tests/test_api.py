@@ -17,8 +17,8 @@ from starlette.testclient import TestClient
 
 import reporting_endpoint
 from reporting_endpoint.app import create_app
-from reporting_endpoint.queries import quarantine_counts
 from reporting_endpoint.settings import Settings
+from reporting_endpoint.storage import SQLiteStorage
 from tests.conftest import crash_report
 from tests.test_read_errors import insert_crash
 
@@ -390,10 +390,17 @@ def test_quarantine_is_visible_in_the_api(api: TestClient, tmp_path: Path) -> No
     assert api.get("/api/quarantine/x", headers=AUTH).json()["error"]["code"] == "invalid_id"
     assert api.get("/api/quarantine?reason=x", headers=AUTH).status_code == 400
     assert api.get("/api/quarantine").status_code == 401
-    connection = sqlite3.connect(db)
-    assert quarantine_counts(connection) == [
+
+    async def counts() -> tuple[tuple[str, int], ...]:
+        storage = SQLiteStorage(db, read_only=True)
+        await storage.start()
+        try:
+            return await storage.quarantine_counts()
+        finally:
+            await storage.stop()
+
+    assert asyncio.run(counts()) == (
         ("unknown_type", 3),
         ("invalid_value", 2),
         ("too_deep", 1),
-    ]
-    connection.close()
+    )

@@ -106,7 +106,7 @@ def counts(db: Path) -> tuple[int, int, int]:
 
 def backdate(db: Path, days: int, where: str) -> None:
     """Make some reports old, as if received ``days`` ago, counters included."""
-    from reporting_endpoint.storage.rollups import prune
+    from reporting_endpoint.storage.sqlite.rollups import prune
 
     connection = sqlite3.connect(db, isolation_level=None)
     shift = days * 86_400_000

@@ -19,7 +19,8 @@ from starlette.testclient import TestClient
 from reporting_endpoint.app import create_app
 from reporting_endpoint.minidump import parse_dump
 from reporting_endpoint.settings import Settings
-from reporting_endpoint.storage.crashes import record_facts, u64_from_db
+from reporting_endpoint.storage.rows import u64_from_db
+from reporting_endpoint.storage.sqlite.crashes import record_facts
 from tests.crashpad_client import (
     MINIDUMPS,
     captured,

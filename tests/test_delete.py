@@ -3,6 +3,7 @@ over crashes, and their dump and attachment files once nothing references them."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -15,18 +16,16 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from reporting_endpoint import deletion as deleting
 from reporting_endpoint.app import create_app
+from reporting_endpoint.deletion import remove_blobs
 from reporting_endpoint.retention import DAY_MS, prune_deletion
 from reporting_endpoint.settings import Settings
-from reporting_endpoint.storage.deletion import (
-    Blob,
-    Deletion,
-    prune_everything,
-    remove_blobs,
-    run_deletion,
-)
-from reporting_endpoint.storage.rollups import HOURLY_TABLES, TOTAL_TABLES
+from reporting_endpoint.storage import SQLiteStorage, StorageError
+from reporting_endpoint.storage.base import Blob, Deletion
 from reporting_endpoint.storage.sqlite import open_connection
+from reporting_endpoint.storage.sqlite.deletion import prune_everything
+from reporting_endpoint.storage.sqlite.rollups import HOURLY_TABLES, TOTAL_TABLES
 from tests.conftest import crash_report
 from tests.crashpad_client import MINIDUMPS, content_type, multipart
 
@@ -269,12 +268,17 @@ def test_prune_from_another_process_covers_crashes(api: TestClient, settings: Se
     old = upload(api, DUMP)
     kept = upload(api, OTHER_DUMP)
     age_crashes(settings, [old], days=40)
-    connection = open_connection(settings.db)
-    try:
-        job = partial(prune_everything, older_than_ms=time.time_ns() // 1_000_000 - 30 * DAY_MS)
-        deletion = run_deletion(connection, job, settings.data_dir)
-    finally:
-        connection.close()
+
+    async def prune() -> Deletion:
+        storage = SQLiteStorage(settings.db, must_exist=True)
+        await storage.start()
+        try:
+            cutoff = time.time_ns() // 1_000_000 - 30 * DAY_MS
+            return await deleting.prune(storage, cutoff, settings.data_dir, sweep=False)
+        finally:
+            await storage.stop()
+
+    deletion = asyncio.run(prune())
     assert (deletion.crashes, deletion.files_removed) == (1, 1)
     assert api.get(f"/api/crashes/{old}", headers=AS_READER).status_code == 404
     assert api.get(f"/api/crashes/{kept}/minidump", headers=AS_READER).content == OTHER_DUMP
@@ -288,12 +292,17 @@ def test_files_stay_when_the_deletion_does_not_commit(api: TestClient, settings:
         prune_everything(connection, older_than_ms=2**62)
         raise RuntimeError("power cut before COMMIT")
 
-    connection = open_connection(settings.db)
-    try:
-        with pytest.raises(RuntimeError):
-            run_deletion(connection, fails_after_deleting, settings.data_dir)
-    finally:
-        connection.close()
+    async def prune() -> Deletion:
+        storage = SQLiteStorage(settings.db, must_exist=True)
+        await storage.start()
+        try:
+            failing = storage.run_job(fails_after_deleting)
+            return await deleting.delete_with_files(storage, failing, settings.data_dir)
+        finally:
+            await storage.stop()
+
+    with pytest.raises(StorageError, match="power cut before COMMIT"):
+        asyncio.run(prune())
     assert blob_files(settings) == before
     assert api.get(f"/api/crashes/{crash_id}/minidump", headers=AS_READER).content == DUMP
 
@@ -313,14 +322,14 @@ def test_a_file_written_again_after_the_deletion_began_is_kept(
         connection.execute("DELETE FROM crashes")
         written_later = started + 1_000_000_000
         os.utime(settings.data_dir / path, ns=(written_later, written_later))
-        assert remove_blobs(connection, settings.data_dir, [Blob(sha, path)], started) == 0
+        assert remove_blobs(settings.data_dir, [Blob(sha, path)], started) == 0
         assert (settings.data_dir / path).is_file()
-        assert remove_blobs(connection, settings.data_dir, [Blob(sha, path)], written_later) == 1
+        assert remove_blobs(settings.data_dir, [Blob(sha, path)], written_later) == 1
         assert not (settings.data_dir / path).exists()
         # Never anything outside blobs/, whatever a row says.
         outside = settings.data_dir / "keep.txt"
         outside.write_text("x")
-        assert remove_blobs(connection, settings.data_dir, [Blob("f" * 64, "keep.txt")], 2**62) == 0
+        assert remove_blobs(settings.data_dir, [Blob("f" * 64, "keep.txt")], 2**62) == 0
         assert outside.is_file()
     finally:
         connection.close()

@@ -24,7 +24,7 @@ def test_the_database_and_its_wal_and_shm_are_created_private(tmp_path: Path) ->
         async def scenario() -> dict[str, int]:
             storage = SQLiteStorage(db)
             await storage.start()
-            await storage.submit([report()])
+            await storage.submit_reports([report()])
             # While the service runs: the -wal and -shm files exist now.
             modes = {
                 suffix: mode(db.with_name(db.name + suffix)) for suffix in ("", "-wal", "-shm")
@@ -47,7 +47,7 @@ def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
     async def scenario() -> None:
         storage = SQLiteStorage(db)
         await storage.start()
-        await storage.submit([report()])
+        await storage.submit_reports([report()])
         await storage.stop()
 
     asyncio.run(scenario())

@@ -3,6 +3,7 @@ values are clamped rather than failing a page, and anything unexpected is JSON t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import sqlite3
@@ -14,9 +15,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from reporting_endpoint.app import create_app
-from reporting_endpoint.queries import iter_reports, open_readonly
 from reporting_endpoint.settings import Settings
-from reporting_endpoint.storage.crashes import u64_to_db
+from reporting_endpoint.storage import SQLiteStorage
+from reporting_endpoint.storage.rows import u64_to_db
 from tests.conftest import crash_report
 
 TOKEN = "read-token"
@@ -150,12 +151,22 @@ def test_odd_stored_values_never_break_a_page_or_the_export(api: TestClient, db:
         .startswith("9999-12-31")
     )
     assert api.get(f"/api/reports/{odd[2]}", headers=AUTH).json()["raw"] == "not json {"
-    connection = open_readonly(db)
-    try:
-        exported = [report["id"] for report in iter_reports(connection, page_size=2)]
-    finally:
-        connection.close()
+    exported = [report["id"] for report in export(db, page_size=2)]
     assert sorted(exported) == sorted(seen)
+
+
+def export(db: Path, page_size: int = 1000) -> list[dict[str, Any]]:
+    """Every report, as ``export`` reads them: through a read-only storage."""
+
+    async def read() -> list[dict[str, Any]]:
+        storage = SQLiteStorage(db, read_only=True)
+        await storage.start()
+        try:
+            return [report async for report in storage.iter_reports(page_size=page_size)]
+        finally:
+            await storage.stop()
+
+    return asyncio.run(read())
 
 
 def insert_crash(db: Path, crash_id: str, **values: Any) -> None:
@@ -222,11 +233,7 @@ def test_export_keeps_going_past_text_that_is_not_utf8(api: TestClient, db: Path
         )
     connection.close()
     send(api, [crash_report()])
-    connection = open_readonly(db)
-    try:
-        exported = list(iter_reports(connection))
-    finally:
-        connection.close()
+    exported = export(db)
     assert len(exported) == 3
     odd = next(report for report in exported if report["received_at"].startswith("1970"))
     assert odd["url"] == "h\ufffd\ufffd" and odd["user_agent"] == "\x00\ufffd"

@@ -10,7 +10,7 @@ import pytest
 
 from reporting_endpoint.records import NewReport, RejectedReport
 from reporting_endpoint.storage import QueueFull, SQLiteStorage, StorageError, StorageNotStarted
-from reporting_endpoint.storage.migrations import migrations
+from reporting_endpoint.storage.sqlite.schema import migrations
 
 
 def report(n: int = 0, raw: object = None) -> NewReport:
@@ -45,7 +45,7 @@ def test_concurrent_submits_share_commits_and_all_land(tmp_path: Path) -> None:
         # Every statement the write connection runs, whichever thread runs it.
         assert storage._write_conn is not None
         storage._write_conn.set_trace_callback(statements.append)
-        await asyncio.gather(*(storage.submit([report(i)]) for i in range(300)))
+        await asyncio.gather(*(storage.submit_reports([report(i)]) for i in range(300)))
         await storage.stop()
 
     asyncio.run(scenario())
@@ -65,8 +65,8 @@ def test_queue_full_is_refused_not_lost(tmp_path: Path) -> None:
         storage = SQLiteStorage(db, queue_size=2)
         await storage.start()
         results = await asyncio.gather(
-            storage.submit([report(1), report(2)]),
-            storage.submit([report(3)]),
+            storage.submit_reports([report(1), report(2)]),
+            storage.submit_reports([report(3)]),
             return_exceptions=True,
         )
         await storage.stop()
@@ -84,7 +84,7 @@ def test_a_batch_larger_than_the_queue_still_fits_an_empty_queue(tmp_path: Path)
     async def scenario() -> None:
         storage = SQLiteStorage(db, queue_size=1)
         await storage.start()
-        await storage.submit([report(i) for i in range(5)])
+        await storage.submit_reports([report(i) for i in range(5)])
         await storage.stop()
 
     asyncio.run(scenario())
@@ -97,12 +97,12 @@ def test_stop_drains_everything_already_queued(tmp_path: Path) -> None:
     async def scenario() -> None:
         storage = SQLiteStorage(db)
         await storage.start()
-        waiting = [asyncio.create_task(storage.submit([report(i)])) for i in range(50)]
+        waiting = [asyncio.create_task(storage.submit_reports([report(i)])) for i in range(50)]
         await asyncio.sleep(0)  # every submit is queued, none committed yet
         await storage.stop()
         await asyncio.gather(*waiting)
         with pytest.raises(StorageError):
-            await storage.submit([report(99)])
+            await storage.submit_reports([report(99)])
 
     asyncio.run(scenario())
     assert count(db) == 50
@@ -111,7 +111,7 @@ def test_stop_drains_everything_already_queued(tmp_path: Path) -> None:
 def test_not_started(tmp_path: Path) -> None:
     async def scenario() -> None:
         with pytest.raises(StorageNotStarted):
-            await SQLiteStorage(tmp_path / "r.sqlite3").submit([report()])
+            await SQLiteStorage(tmp_path / "r.sqlite3").submit_reports([report()])
 
     asyncio.run(scenario())
 
@@ -123,9 +123,9 @@ def test_a_poison_row_fails_only_its_own_submit(tmp_path: Path) -> None:
         storage = SQLiteStorage(db)
         await storage.start()
         results = await asyncio.gather(
-            storage.submit([report(1)]),
-            storage.submit([report(2, raw=object())]),  # sqlite3 cannot bind it
-            storage.submit([report(3)]),
+            storage.submit_reports([report(1)]),
+            storage.submit_reports([report(2, raw=object())]),  # sqlite3 cannot bind it
+            storage.submit_reports([report(3)]),
             return_exceptions=True,
         )
         await storage.stop()
@@ -143,7 +143,7 @@ def test_migrations_are_idempotent(tmp_path: Path) -> None:
     async def start_stop() -> None:
         storage = SQLiteStorage(db)
         await storage.start()
-        await storage.submit([report()])
+        await storage.submit_reports([report()])
         await storage.stop()
 
     asyncio.run(start_stop())
@@ -170,11 +170,11 @@ def test_rejected_reports_land_in_quarantine_trimmed_to_the_newest(tmp_path: Pat
         storage = SQLiteStorage(db, quarantine_max_rows=3)
         await storage.start()
         # Mixed with accepted reports, and alone: both are committed before submit returns.
-        await storage.submit([report(1)], [rejected(1), rejected(2)])
-        await storage.submit([], [rejected(3)])
+        await storage.submit_reports([report(1)], [rejected(1), rejected(2)])
+        await storage.submit_reports([], [rejected(3)])
         # Checked before stop: a submit of refused rows only must not wait for the drain.
         assert _quarantined(db) == ['{"n": 1}', '{"n": 2}', '{"n": 3}']
-        await asyncio.gather(*(storage.submit([], [rejected(n)]) for n in range(4, 8)))
+        await asyncio.gather(*(storage.submit_reports([], [rejected(n)]) for n in range(4, 8)))
         await storage.stop()
 
     asyncio.run(scenario())
@@ -195,8 +195,8 @@ def test_rejected_rows_count_against_the_queue_bound(tmp_path: Path) -> None:
         storage = SQLiteStorage(db, queue_size=2)
         await storage.start()
         results = await asyncio.gather(
-            storage.submit([report(1)], [rejected(1)]),
-            storage.submit([], [rejected(2)]),
+            storage.submit_reports([report(1)], [rejected(1)]),
+            storage.submit_reports([], [rejected(2)]),
             return_exceptions=True,
         )
         await storage.stop()

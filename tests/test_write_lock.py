@@ -163,14 +163,14 @@ def test_a_group_that_times_out_fails_once_and_the_loop_never_stalls(tmp_path: P
         with write_lock(db):
             started = time.monotonic()
             results = await asyncio.gather(
-                *(storage.submit([report(n)]) for n in range(5)), return_exceptions=True
+                *(storage.submit_reports([report(n)]) for n in range(5)), return_exceptions=True
             )
             waited = time.monotonic() - started
             # The job path (crash rows, pruning) gives up the same way.
             with pytest.raises(StorageBusy):
                 await storage.run_job(lambda connection: None)
         ticking.cancel()
-        await storage.submit([report(99)])  # the lock is gone: writes go through again
+        await storage.submit_reports([report(99)])  # the lock is gone: writes go through again
         await storage.stop()
         return list(results), waited, max(gaps)
 

@@ -52,7 +52,7 @@ def test_waiting_submits_fail_fast_and_the_writer_restarts(
         storage.restart_backoff = (0.5, 0.5)
         await storage.start()
         crash_take_group(storage, monkeypatch, times=1)
-        waiting = [asyncio.create_task(storage.submit([report(n)])) for n in range(5)]
+        waiting = [asyncio.create_task(storage.submit_reports([report(n)])) for n in range(5)]
         results = await asyncio.wait_for(
             asyncio.gather(*waiting, return_exceptions=True), timeout=2
         )
@@ -60,7 +60,7 @@ def test_waiting_submits_fail_fast_and_the_writer_restarts(
         # Down: refused at once, and said so.
         assert not storage.health().alive
         with pytest.raises(WriterDown):
-            await asyncio.wait_for(storage.submit([report(10)]), timeout=1)
+            await asyncio.wait_for(storage.submit_reports([report(10)]), timeout=1)
         with pytest.raises(WriterDown):
             await asyncio.wait_for(storage.run_job(lambda c: None), timeout=1)
         for _ in range(50):  # bounded: 5 s
@@ -68,7 +68,7 @@ def test_waiting_submits_fail_fast_and_the_writer_restarts(
                 break
             await asyncio.sleep(0.1)
         assert storage.health().alive
-        await asyncio.wait_for(storage.submit([report(20)]), timeout=5)
+        await asyncio.wait_for(storage.submit_reports([report(20)]), timeout=5)
         await storage.stop()
 
     asyncio.run(scenario())
@@ -86,7 +86,7 @@ def test_a_writer_that_keeps_crashing_stays_down_and_says_so(
         crash_take_group(storage, monkeypatch, times=1000)
         for _ in range(MAX_WRITER_RESTARTS + 1):
             with pytest.raises(WriterDown):
-                await asyncio.wait_for(storage.submit([report()]), timeout=2)
+                await asyncio.wait_for(storage.submit_reports([report()]), timeout=2)
             for _ in range(100):  # bounded: 1 s for the restart (or the final give-up)
                 if storage.health().alive or (storage._writer and storage._writer.done()):
                     break
@@ -94,7 +94,7 @@ def test_a_writer_that_keeps_crashing_stays_down_and_says_so(
         await asyncio.sleep(0.1)
         assert not storage.health().alive
         with pytest.raises(WriterDown):
-            await asyncio.wait_for(storage.submit([report()]), timeout=1)
+            await asyncio.wait_for(storage.submit_reports([report()]), timeout=1)
         await asyncio.wait_for(storage.stop(), timeout=5)
 
     asyncio.run(scenario())

@@ -1,23 +1,108 @@
-"""Storage backends: the Storage protocol and its SQLite implementation."""
+"""Storage: the protocol (``base``), plain-data filters (``filters``), the JSON rows every
+backend answers (``rows``), and one folder per backend.
 
+``open_storage`` picks the backend from a database URL; only ``app.py`` and ``cli.py`` call
+it, everything else takes a ``Storage``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reporting_endpoint.settings import Settings, SettingsError, sqlite_file
 from reporting_endpoint.storage.base import (
+    Blob,
+    Deletion,
+    GroupPage,
+    NotOurDatabase,
+    Page,
+    PendingCrash,
     QueueFull,
+    SeriesCount,
     Storage,
     StorageBusy,
     StorageClosed,
     StorageError,
+    StorageFailure,
     StorageNotStarted,
     WriterDown,
+    WriterHealth,
 )
-from reporting_endpoint.storage.sqlite import SQLiteStorage
+
+if TYPE_CHECKING:
+    from reporting_endpoint.storage.sqlite import SQLiteStorage
 
 __all__ = [
+    "Blob",
+    "Deletion",
+    "GroupPage",
+    "NotOurDatabase",
+    "Page",
+    "PendingCrash",
     "QueueFull",
     "SQLiteStorage",
+    "SeriesCount",
     "Storage",
     "StorageBusy",
     "StorageClosed",
     "StorageError",
+    "StorageFailure",
     "StorageNotStarted",
     "WriterDown",
+    "WriterHealth",
+    "check_database",
+    "open_storage",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the light commands (`header`) import the errors without loading a driver.
+    if name == "SQLiteStorage":
+        from reporting_endpoint.storage.sqlite import SQLiteStorage
+
+        return SQLiteStorage
+    raise AttributeError(name)
+
+
+def _sqlite_path(database: str) -> Path:
+    path = sqlite_file(database)
+    if path is None:
+        scheme = database.partition("://")[0]
+        if scheme in {"postgresql", "postgres"}:
+            raise SettingsError(
+                "database: PostgreSQL is not supported by this version yet;"
+                " use a SQLite file (a path or sqlite:///path)"
+            )
+        raise SettingsError(f"database: no storage engine for {scheme}:// URLs")
+    return path
+
+
+def open_storage(
+    database: str, settings: Settings, *, read_only: bool = False, must_exist: bool = False
+) -> Storage:
+    """The storage ``database`` names: a path or ``sqlite:///path`` is SQLite.
+
+    Nothing is opened until ``start``. ``read_only`` opens an existing database of this
+    service for reading only (a wrong one is refused without writing); ``must_exist`` refuses
+    the same way before a writer opens it, instead of creating a database.
+    """
+    from reporting_endpoint.storage.sqlite import SQLiteStorage
+
+    return SQLiteStorage(
+        _sqlite_path(database),
+        read_only=read_only,
+        must_exist=must_exist,
+        queue_size=settings.queue_size,
+        synchronous=settings.sqlite_synchronous,
+        write_lock_timeout=settings.write_lock_timeout,
+        quarantine_max_rows=settings.quarantine_max_rows,
+    )
+
+
+def check_database(database: str) -> None:
+    """Before ``serve``: refuse, with a SettingsError naming it, a database the service could
+    not use, instead of a traceback from startup."""
+    from reporting_endpoint.storage.sqlite import check_file
+
+    check_file(_sqlite_path(database))

@@ -1,13 +1,17 @@
-"""The Storage protocol every backend implements, and the errors it raises."""
+"""The Storage protocol every backend implements, the records it answers, and its errors.
+
+Everything here is in domain terms: reports, crashes, groups, pages. A backend (one folder
+under ``storage/``) owns its SQL, its driver and its migrations; callers only see this.
+"""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from reporting_endpoint.records import NewReport, RejectedReport
+from reporting_endpoint.records import NewCrash, NewReport, RejectedReport
+from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
 
 
 class StorageError(Exception):
@@ -40,6 +44,18 @@ class WriterDown(StorageError):
     code = "writer_down"
 
 
+class StorageFailure(Exception):
+    """The database failed in a way the service does not expect (a table gone, a corrupt
+    file): a broken database or a bug, not a busy one, so not a ``StorageError`` (which means
+    "try again later"). The driver's own error is its ``__cause__``."""
+
+
+class NotOurDatabase(StorageError, ValueError):
+    """The database exists but is not a reporting-endpoint database (nothing was written)."""
+
+    code = "not_our_database"
+
+
 @dataclass(frozen=True, slots=True)
 class WriterHealth:
     alive: bool
@@ -47,24 +63,172 @@ class WriterHealth:
     queue_capacity: int
 
 
-T = TypeVar("T")
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """A content-addressed file a deleted crash pointed at (path relative to the data dir)."""
+
+    sha256: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """What one deletion took away; ``blobs`` are the files no crash references now, for the
+    caller to remove after the commit; ``files_removed`` is filled in by that caller."""
+
+    reports: int = 0
+    crashes: int = 0
+    blobs: tuple[Blob, ...] = ()
+    files_removed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCrash:
+    """A stored upload whose dump has not been parsed yet."""
+
+    id: str
+    dump_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One keyset page of JSON-ready items (reports, crashes or quarantined reports), newest
+    first; ``next`` is where the following page starts, None on the last one."""
+
+    items: tuple[dict[str, Any], ...]
+    next: Position | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPage:
+    """Counts per group, largest first, as JSON-ready dicts (the group key, ``count``,
+    ``first_seen``, ``last_seen``); ``more`` says that groups past the limit exist."""
+
+    groups: tuple[dict[str, Any], ...]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesCount:
+    """How many reports or crashes one bucket holds for one key (the ``by`` values, an
+    empty key stored as None). ``bucket`` is the bucket's first hour since the epoch."""
+
+    bucket: int
+    key: tuple[str | None, ...]
+    count: int
 
 
 class Storage(Protocol):
-    """Durable report storage. ``submit`` returns only once the reports are committed."""
+    """Durable storage of reports and crashes.
 
-    async def start(self) -> None: ...
+    Every write returns only once it is committed: the service answers 2xx after that. Reads
+    never share a connection (or a transaction) with the writer.
+    """
 
-    async def stop(self) -> None: ...
+    async def start(self) -> None:
+        """Open (creating and migrating when allowed), and start taking writes."""
+        ...
 
-    async def submit(
+    async def stop(self) -> None:
+        """Refuse new work, commit everything already queued, then close."""
+        ...
+
+    def health(self) -> WriterHealth: ...
+
+    # --- writes (group commit: a handler's future resolves after the COMMIT) ---------------
+
+    async def submit_reports(
         self, reports: Sequence[NewReport], rejected: Sequence[RejectedReport] = ()
     ) -> None:
         """Commit ``reports`` (and the refused ``rejected`` ones, to quarantine) together."""
         ...
 
-    async def run_job(self, job: Callable[[sqlite3.Connection], T]) -> T: ...
+    async def insert_crash(self, crash: NewCrash) -> None:
+        """Commit the row of an upload whose files are already durable."""
+        ...
 
-    async def read(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]: ...
+    async def record_crash_facts(self, crash_id: str, facts: Mapping[str, Any]) -> None:
+        """Mark the crash parsed with its facts (a fact that cannot be stored marks it failed:
+        either way it leaves ``pending``)."""
+        ...
 
-    def health(self) -> WriterHealth: ...
+    async def record_crash_failure(self, crash_id: str, error: str) -> None: ...
+
+    async def prune(self, older_than_ms: int, *, crashes: bool = True) -> Deletion:
+        """Delete reports (counters kept exact) and, with ``crashes``, crash rows received
+        before ``older_than_ms``; answers the blobs no remaining crash references."""
+        ...
+
+    async def delete_report(self, report_id: int) -> bool:
+        """Delete one report, counters kept exact; False when there is no such report."""
+        ...
+
+    async def delete_crash(self, crash_id: str) -> Deletion:
+        """Delete one crash row (``crashes`` is 0 when there was none); answers the blobs no
+        remaining crash references."""
+        ...
+
+    async def unreferenced_blobs(self, blobs: Sequence[Blob]) -> tuple[Blob, ...]:
+        """Those of ``blobs`` no crash row (dump or attachment) references now: checked again
+        after a deletion committed, since an upload of the same content may have come in."""
+        ...
+
+    async def referenced_blobs(self) -> frozenset[str]:
+        """The sha256 of every blob some crash row references (for the orphan sweep)."""
+        ...
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def pending_crashes(self, limit: int) -> tuple[PendingCrash, ...]:
+        """Crashes not parsed yet, oldest first."""
+        ...
+
+    async def groups(
+        self, source: Source, by: Sequence[str], filters: Filters, limit: int
+    ) -> GroupPage: ...
+
+    async def reports_page(
+        self, filters: Filters, limit: int, after: Position | None = None
+    ) -> Page: ...
+
+    async def get_report(self, report_id: int) -> dict[str, Any] | None:
+        """One report as the API shows it, ``raw`` included."""
+        ...
+
+    async def crash_page(
+        self, filters: Filters, limit: int, after: Position | None = None
+    ) -> Page: ...
+
+    async def get_crash(self, crash_id: str) -> dict[str, Any] | None: ...
+
+    async def crash_dump_path(self, crash_id: str) -> str | None:
+        """The dump's blob path of a crash (never shown in the JSON)."""
+        ...
+
+    async def timeseries(
+        self, source: Source, bucket: Bucket, by: Sequence[str], filters: Filters
+    ) -> tuple[SeriesCount, ...]:
+        """Counts per bucket and key, in bucket order; buckets without data are left out."""
+        ...
+
+    async def quarantine_page(
+        self, filters: Filters, limit: int, after: Position | None = None
+    ) -> Page: ...
+
+    async def get_quarantined(self, row_id: int) -> dict[str, Any] | None: ...
+
+    async def quarantine_counts(self) -> tuple[tuple[str, int], ...]:
+        """How many quarantined reports per rejection code, largest first."""
+        ...
+
+    def iter_reports(
+        self, filters: Filters | None = None, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every matching report, oldest first, in keyset pages so memory stays flat."""
+        ...
+
+    def iter_crashes(
+        self, filters: Filters | None = None, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every matching crash, oldest first, in keyset pages."""
+        ...

@@ -1,11 +1,12 @@
-"""SQLite backend: one writer task owns the only write connection and commits in groups."""
+"""The SQLite group-commit writer: one task owns the only write connection and commits in
+groups; maintenance jobs run on its thread between groups. ``backend.py`` builds the storage
+protocol on top of it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 import time
 from collections import deque
@@ -27,9 +28,11 @@ from reporting_endpoint.storage.base import (
     WriterDown,
     WriterHealth,
 )
-from reporting_endpoint.storage.migrations import apply_migrations
-from reporting_endpoint.storage.quarantine import write_quarantine
-from reporting_endpoint.storage.rollups import write_reports
+from reporting_endpoint.storage.rows import lenient_text
+from reporting_endpoint.storage.sqlite.connection import is_busy, open_connection
+from reporting_endpoint.storage.sqlite.quarantine import write_quarantine
+from reporting_endpoint.storage.sqlite.rollups import write_reports
+from reporting_endpoint.storage.sqlite.schema import apply_migrations
 
 log = logging.getLogger("reporting_endpoint.storage")
 
@@ -60,52 +63,11 @@ class _Job:
     done: asyncio.Future[Any] = field(repr=False)
 
 
-def open_connection(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
-    """A plain write connection with the pragmas every writer of this database uses."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    create_private(path)
-    # Used by the writer task on the loop and by the writer thread for COMMIT, never both at once.
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    configure(connection, synchronous)
-    return connection
+class SQLiteWriter:
+    """Writes to one SQLite file in WAL mode.
 
-
-def create_private(path: Path) -> None:
-    """Create the database file 0600 when it is missing.
-
-    It holds URLs, user agents, GUIDs and annotations; SQLite would create it 0644, and gives
-    the -wal and -shm files the mode of the main file, so creating this one first covers all three.
-    """
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-
-
-def configure(connection: sqlite3.Connection, synchronous: str = "FULL") -> None:
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    connection.execute("PRAGMA busy_timeout=5000")
-
-
-def migrate(path: Path) -> int:
-    """Create the database when missing and apply every migration."""
-    connection = open_connection(path)
-    try:
-        return apply_migrations(connection)
-    finally:
-        connection.close()
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    # Extended codes (SQLITE_BUSY_RECOVERY, ...) carry the primary code in their low byte.
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
-class SQLiteStorage:
-    """Storage on one SQLite file in WAL mode.
-
-    Handlers call ``submit``; their rows wait in a bounded queue. The writer task takes all that
-    is queued, writes it in one ``BEGIN IMMEDIATE ... COMMIT`` and only then resolves every
+    Handlers call ``submit_reports``; their rows wait in a bounded queue. The writer task takes
+    all that is queued, writes it in one ``BEGIN IMMEDIATE ... COMMIT`` and only then resolves every
     waiting handler, so a 2xx always follows a commit. A failing group is retried one submission
     at a time, so a poison row fails only its own request.
 
@@ -158,9 +120,7 @@ class SQLiteStorage:
             self._executor, self._open_and_migrate
         )
         # Readers never share the write connection; this one cannot write at all.
-        self.read_conn = await aiosqlite.connect(
-            f"file:{self.path.resolve()}?mode=ro", uri=True, isolation_level=None
-        )
+        self.read_conn = await self._open_reader()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._down = False
@@ -168,6 +128,15 @@ class SQLiteStorage:
         self._accepting = True
         self._writer = asyncio.create_task(self._supervise(), name="reporting-endpoint-writer")
         self._writer.add_done_callback(self._writer_gone)
+
+    async def _open_reader(self) -> aiosqlite.Connection:
+        connection = await aiosqlite.connect(
+            f"file:{self.path.resolve()}?mode=ro", uri=True, isolation_level=None
+        )
+        # Text that is not UTF-8 (written by another tool) is shown with U+FFFD; the default
+        # raises, and one such row would fail a page or stop an export.
+        connection.text_factory = lenient_text
+        return connection
 
     def _open_and_migrate(self) -> sqlite3.Connection:
         connection = open_connection(self.path, self.synchronous)
@@ -184,6 +153,9 @@ class SQLiteStorage:
     async def stop(self) -> None:
         """Refuse new work, commit everything already queued, then close."""
         if self._writer is None:
+            if self.read_conn is not None:  # opened for reading only
+                await self.read_conn.close()
+                self.read_conn = None
             return
         self._accepting = False
         self._closing = True
@@ -221,7 +193,7 @@ class SQLiteStorage:
         if self._down or self._writer is None or self._writer.done():
             raise WriterDown()
 
-    async def submit(
+    async def submit_reports(
         self, reports: Sequence[NewReport], rejected: Sequence[RejectedReport] = ()
     ) -> None:
         size = len(reports) + len(rejected)
@@ -244,8 +216,8 @@ class SQLiteStorage:
     async def run_job(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``job`` on the write connection in a transaction of its own, between groups.
 
-        For crash rows and maintenance (pruning): it goes through the writer, so it never
-        contends with it.
+        For crash rows and maintenance (pruning, deletion): it goes through the writer, so it
+        never contends with it. Backend-internal: callers use the storage protocol.
         """
         self._check_accepting()
         assert self._wakeup is not None
@@ -253,13 +225,6 @@ class SQLiteStorage:
         self._jobs.append(_Job(job, done))
         self._wakeup.set()
         return await done
-
-    async def read(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        """Rows of a query on the read-only connection (never the writer's)."""
-        if self.read_conn is None:
-            raise StorageNotStarted()
-        rows = await self.read_conn.execute_fetchall(sql, parameters)
-        return [tuple(row) for row in rows]
 
     async def _supervise(self) -> None:
         while True:
@@ -340,7 +305,7 @@ class SQLiteStorage:
                     connection.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as exc:
-                    if not _is_busy(exc):
+                    if not is_busy(exc):
                         raise
                     if time.monotonic() >= deadline or self._down:
                         raise StorageBusy(
@@ -355,7 +320,7 @@ class SQLiteStorage:
             # loop, and the wait moves to the writer thread.
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if not _is_busy(exc):
+            if not is_busy(exc):
                 raise
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._begin_waiting, connection

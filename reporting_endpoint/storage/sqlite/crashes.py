@@ -1,33 +1,18 @@
-"""SQL for crash rows: insert after the upload, record the parsed facts later."""
+"""SQL for crash rows: insert after the upload, record the parsed facts later.
+
+Plain sqlite3 on the writer's connection; the caller owns the transaction.
+"""
 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-
-@dataclass(frozen=True, slots=True)
-class NewCrash:
-    """A stored upload, ready to be committed; the dump file already exists."""
-
-    id: str
-    received_at: int
-    product: str | None
-    version: str | None
-    guid: str | None
-    platform: str | None
-    process_type: str | None
-    electron_version: str | None
-    annotations: dict[str, str]
-    query: dict[str, str]
-    dump_sha256: str
-    dump_size: int
-    dump_path: str
-    attachments: tuple[dict[str, Any], ...]
-    upload_bytes: int
+from reporting_endpoint.records import NewCrash
+from reporting_endpoint.storage.rows import FACT_COLUMNS, U64_FACTS, u64_to_db
 
 
 def insert_crash(connection: sqlite3.Connection, crash: NewCrash) -> None:
@@ -44,17 +29,6 @@ def insert_crash(connection: sqlite3.Connection, crash: NewCrash) -> None:
         ),
     )  # fmt: skip
 
-
-FACT_COLUMNS = (
-    "os", "os_version", "cpu", "exception_code", "exception_name", "crash_address",
-    "crashing_thread", "main_module", "main_module_version", "crash_module", "crash_offset",
-    "signature",
-)  # fmt: skip
-
-
-# Unsigned 64-bit values: addresses, offsets, and exception codes (which a dump stores as u32
-# on Windows but as a u64 elsewhere).
-U64_FACTS = frozenset({"exception_code", "crash_address", "crash_offset"})
 
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -82,7 +56,7 @@ def _fact_value(name: str, value: Any) -> object:
     return None
 
 
-def record_facts(connection: sqlite3.Connection, crash_id: str, facts: dict[str, Any]) -> None:
+def record_facts(connection: sqlite3.Connection, crash_id: str, facts: Mapping[str, Any]) -> None:
     """Mark the crash parsed with its facts; if they still cannot be written, mark it failed.
 
     Either way the row leaves ``pending``: a result that cannot be stored must not leave the
@@ -114,23 +88,3 @@ def record_failure(connection: sqlite3.Connection, crash_id: str, error: str) ->
         "UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ? WHERE id = ?",
         (error[:500], "unparseable dump", crash_id),
     )
-
-
-# SQLite integers are signed 64-bit; addresses are unsigned 64-bit (kernel and vsyscall
-# addresses sit at or above 2**63), so they are stored in two's complement and read back.
-_U64 = 1 << 64
-
-
-def u64_to_db(value: int | None) -> int | None:
-    """An unsigned 64-bit value as the signed integer SQLite can hold (None stays None)."""
-    if value is None:
-        return None
-    value &= _U64 - 1
-    return value - _U64 if value >= 1 << 63 else value
-
-
-def u64_from_db(value: int | None) -> int | None:
-    """The unsigned value ``u64_to_db`` stored."""
-    if value is None:
-        return None
-    return value + _U64 if value < 0 else value

@@ -1,4 +1,5 @@
-"""Numbered SQL migrations, applied in order and recorded in PRAGMA user_version."""
+"""The SQLite schema: numbered migrations in ``migrations/``, applied in order and recorded in
+``PRAGMA user_version``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 def migrations() -> list[tuple[int, str]]:
     """(number, SQL) for every file in the migrations folder, in order."""
-    folder = resources.files("reporting_endpoint.storage") / "migrations"
+    folder = resources.files("reporting_endpoint.storage.sqlite") / "migrations"
     found = []
     for entry in folder.iterdir():
         match = _NAME.match(entry.name)

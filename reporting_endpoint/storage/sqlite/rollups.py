@@ -6,7 +6,7 @@ import operator
 import sqlite3
 from collections.abc import Sequence
 
-HOUR_MS = 3_600_000
+from reporting_endpoint.storage.filters import HOUR_MS, REPORT_DIMENSIONS
 
 INSERT_REPORT = (
     "INSERT INTO reports (received_at, generated_at, age, type, url, origin, site, user_agent,"
@@ -14,7 +14,7 @@ INSERT_REPORT = (
 )
 
 # Group key columns, in this order everywhere below.
-KEYS = ("type", "site", "origin", "browser", "browser_major", "os", "reason", "user_agent")
+KEYS = REPORT_DIMENSIONS
 # Positions of those keys in a NewReport.row() tuple.
 _ROW_POSITIONS = (3, 6, 5, 8, 9, 10, 11, 7)
 _RECEIVED_AT = 0

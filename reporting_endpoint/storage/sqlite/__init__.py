@@ -1,0 +1,19 @@
+"""The SQLite backend: one file in WAL mode, a group-commit writer, read-only readers.
+
+``backend.py`` implements the storage protocol; ``writer.py`` is the group-commit writer it
+builds on; ``reads.py``, ``rollups.py``, ``crashes.py``, ``quarantine.py`` and ``deletion.py``
+hold the SQL; ``schema.py`` applies the numbered ``migrations/``.
+"""
+
+from reporting_endpoint.storage.sqlite.backend import SQLiteStorage, check_file, check_ours
+from reporting_endpoint.storage.sqlite.connection import migrate, open_connection
+from reporting_endpoint.storage.sqlite.writer import MAX_WRITER_RESTARTS
+
+__all__ = [
+    "MAX_WRITER_RESTARTS",
+    "SQLiteStorage",
+    "check_file",
+    "check_ours",
+    "migrate",
+    "open_connection",
+]

@@ -1,0 +1,231 @@
+"""The SQLite backend: the storage protocol on one SQLite file.
+
+Writes go through the group-commit writer (``writer.py``): reports in groups, crash rows,
+facts and deletions as jobs between groups. Reads use the writer's separate read-only
+connection. A driver error never leaves this package as itself: a lock or a dead writer is a
+``StorageError`` (the API answers 503), anything else a ``StorageFailure`` that keeps the
+driver's error as its cause (the API answers 500, the CLI names the database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from reporting_endpoint.records import NewCrash
+from reporting_endpoint.settings import SettingsError
+from reporting_endpoint.storage.base import (
+    Blob,
+    Deletion,
+    GroupPage,
+    NotOurDatabase,
+    Page,
+    PendingCrash,
+    SeriesCount,
+    StorageFailure,
+    StorageNotStarted,
+)
+from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
+from reporting_endpoint.storage.sqlite import crashes, deletion, reads, rollups
+from reporting_endpoint.storage.sqlite.writer import SQLiteWriter
+
+T = TypeVar("T")
+# Tables every version of this service's database has.
+OUR_TABLES = frozenset({"reports", "crashes"})
+
+
+def check_ours(path: Path) -> None:
+    """Refuse, by name, a missing file or one that is not this service's database, without
+    writing anything (a read-only connection)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no database at {path}")
+    try:
+        connection = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+        try:
+            tables = {
+                row[0]
+                for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        raise NotOurDatabase(f"{path} is not a reporting-endpoint database ({exc})") from None
+    missing = OUR_TABLES - tables
+    if missing:
+        raise NotOurDatabase(
+            f"{path} is not a reporting-endpoint database (it has no {sorted(missing)[0]} table)"
+        )
+
+
+def check_file(path: Path) -> None:
+    """Before ``serve``: a file that exists must be SQLite (created by the first start when
+    missing or empty); said by name instead of a traceback from startup."""
+    if path.exists() and not path.is_file():
+        raise SettingsError(f"db: {path} is not a file")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        connection = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise SettingsError(f"db: {path} is not a reporting-endpoint database ({exc})") from None
+
+
+def _failure(exc: sqlite3.Error) -> StorageFailure:
+    return StorageFailure(f"{type(exc).__name__}: {exc}")
+
+
+class SQLiteStorage(SQLiteWriter):
+    """The storage protocol on one SQLite file (see ``SQLiteWriter`` for the writes).
+
+    ``read_only``: only the read connection is opened, and only on an existing database of
+    this service (the CLI's read commands: a wrong path is refused without writing).
+    ``must_exist``: the same check before the writer opens the file (the CLI's ``prune`` and
+    ``delete``, which must not create a database where there was none).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        read_only: bool = False,
+        must_exist: bool = False,
+        queue_size: int = 20000,
+        synchronous: str = "FULL",
+        write_lock_timeout: float = 30.0,
+        quarantine_max_rows: int = 100_000,
+    ) -> None:
+        super().__init__(
+            path,
+            queue_size=queue_size,
+            synchronous=synchronous,
+            write_lock_timeout=write_lock_timeout,
+            quarantine_max_rows=quarantine_max_rows,
+        )
+        self.read_only = read_only
+        self.must_exist = must_exist
+
+    async def start(self) -> None:
+        if self.read_conn is not None:
+            return
+        if self.read_only or self.must_exist:
+            await asyncio.to_thread(check_ours, self.path)
+        try:
+            if self.read_only:
+                self.read_conn = await self._open_reader()
+            else:
+                await super().start()
+        except sqlite3.Error as exc:
+            raise _failure(exc) from exc
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def insert_crash(self, crash: NewCrash) -> None:
+        await self.run_job(partial(crashes.insert_crash, crash=crash))
+
+    async def record_crash_facts(self, crash_id: str, facts: Mapping[str, Any]) -> None:
+        await self.run_job(partial(crashes.record_facts, crash_id=crash_id, facts=facts))
+
+    async def record_crash_failure(self, crash_id: str, error: str) -> None:
+        await self.run_job(partial(crashes.record_failure, crash_id=crash_id, error=error))
+
+    async def prune(self, older_than_ms: int, *, crashes: bool = True) -> Deletion:
+        if crashes:
+            return await self.run_job(
+                partial(deletion.prune_everything, older_than_ms=older_than_ms)
+            )
+        reports = await self.run_job(partial(rollups.prune, older_than_ms=older_than_ms))
+        return Deletion(reports=reports)
+
+    async def delete_report(self, report_id: int) -> bool:
+        return await self.run_job(partial(deletion.delete_report, report_id=report_id))
+
+    async def delete_crash(self, crash_id: str) -> Deletion:
+        return await self.run_job(partial(deletion.delete_crash, crash_id=crash_id))
+
+    async def unreferenced_blobs(self, blobs: Sequence[Blob]) -> tuple[Blob, ...]:
+        # Through the writer: after every crash row queued before it has committed.
+        return await self.run_job(partial(deletion.unreferenced, blobs=blobs))
+
+    async def referenced_blobs(self) -> frozenset[str]:
+        return await self.run_job(deletion.referenced)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def _read(self, query: Callable[..., Awaitable[T]], *args: object) -> T:
+        if self.read_conn is None:
+            raise StorageNotStarted()
+        try:
+            return await query(self.read_conn, *args)
+        except sqlite3.Error as exc:
+            raise _failure(exc) from exc
+
+    async def pending_crashes(self, limit: int) -> tuple[PendingCrash, ...]:
+        return await self._read(reads.pending_crashes, limit)
+
+    async def groups(
+        self, source: Source, by: Sequence[str], filters: Filters, limit: int
+    ) -> GroupPage:
+        return await self._read(reads.groups, source, by, filters, limit)
+
+    async def reports_page(
+        self, filters: Filters, limit: int, after: Position | None = None
+    ) -> Page:
+        return await self._read(reads.reports_page, filters, limit, after)
+
+    async def get_report(self, report_id: int) -> dict[str, Any] | None:
+        return await self._read(reads.get_report, report_id)
+
+    async def crash_page(self, filters: Filters, limit: int, after: Position | None = None) -> Page:
+        return await self._read(reads.crash_page, filters, limit, after)
+
+    async def get_crash(self, crash_id: str) -> dict[str, Any] | None:
+        return await self._read(reads.get_crash, crash_id)
+
+    async def crash_dump_path(self, crash_id: str) -> str | None:
+        return await self._read(reads.crash_dump_path, crash_id)
+
+    async def timeseries(
+        self, source: Source, bucket: Bucket, by: Sequence[str], filters: Filters
+    ) -> tuple[SeriesCount, ...]:
+        return await self._read(reads.timeseries, source, bucket, by, filters)
+
+    async def quarantine_page(
+        self, filters: Filters, limit: int, after: Position | None = None
+    ) -> Page:
+        return await self._read(reads.quarantine_page, filters, limit, after)
+
+    async def get_quarantined(self, row_id: int) -> dict[str, Any] | None:
+        return await self._read(reads.get_quarantined, row_id)
+
+    async def quarantine_counts(self) -> tuple[tuple[str, int], ...]:
+        return await self._read(reads.quarantine_counts)
+
+    async def iter_reports(
+        self, filters: Filters | None = None, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        if self.read_conn is None:
+            raise StorageNotStarted()
+        try:
+            async for report in reads.iter_reports(self.read_conn, filters, page_size):
+                yield report
+        except sqlite3.Error as exc:
+            raise _failure(exc) from exc
+
+    async def iter_crashes(
+        self, filters: Filters | None = None, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        if self.read_conn is None:
+            raise StorageNotStarted()
+        try:
+            async for crash in reads.iter_crashes(self.read_conn, filters, page_size):
+                yield crash
+        except sqlite3.Error as exc:
+            raise _failure(exc) from exc
