@@ -66,14 +66,18 @@ def stored_rows(db: Path) -> list[dict[str, Any]]:
 
 # Storage backends the parity suite (tests/test_storage_parity.py) runs against; a backend
 # adds its name here and a branch to ``database_url``.
-STORAGE_BACKENDS = ["sqlite"]
+STORAGE_BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(params=STORAGE_BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database of each backend, as the ``database`` setting names it."""
+    """A fresh, empty database of each backend, as the ``database`` setting names it (for
+    PostgreSQL a database of this test's own on the session's server, skipped without one)."""
     if request.param == "sqlite":
         return f"sqlite://{tmp_path}/parity.sqlite3"
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
     raise NotImplementedError(request.param)
 
 

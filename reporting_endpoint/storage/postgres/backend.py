@@ -1,0 +1,359 @@
+"""The PostgreSQL backend: the storage protocol on one PostgreSQL database.
+
+``start`` opens one dedicated write connection (migrations through ``migrate.py``, applied
+once however many processes start together; partitions for today and the next days), hands
+it to the group-commit writer (``writer.py``), and opens a pool for reads (``reads.py``),
+whose sessions are read-only. Reports go in groups; crash rows, facts and deletions are jobs
+on the writer's connection between groups.
+
+A driver error never leaves this package as itself: an unreachable server, a lost
+connection or a timeout is ``DatabaseUnavailable`` (a ``StorageError``: the API answers 503
+with Retry-After), a lock held too long ``StorageBusy``; anything else a ``StorageFailure``
+that keeps the driver's error as its cause (the API answers 500, the CLI names the database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+import asyncpg
+
+from reporting_endpoint.records import NewCrash
+from reporting_endpoint.storage.base import (
+    Blob,
+    Deletion,
+    GroupPage,
+    NotOurDatabase,
+    Page,
+    PendingCrash,
+    SeriesCount,
+    StorageError,
+    StorageFailure,
+    StorageNotStarted,
+    WriterHealth,
+)
+from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
+from reporting_endpoint.storage.postgres import crashes, deletion, reads
+from reporting_endpoint.storage.postgres.connection import (
+    DatabaseUnavailable,
+    WriterLimits,
+    is_unavailable,
+)
+from reporting_endpoint.storage.postgres.migrate import MigrationError, apply_migrations
+from reporting_endpoint.storage.postgres.writer import PostgresWriter
+
+T = TypeVar("T")
+SCHEMES = ("postgresql", "postgres")
+# Tables every version of this service's database has.
+OUR_TABLES = ("reports", "crashes")
+# Read pool size per process: reads are short, keyset pages; exports hold none between pages.
+POOL_MAX_SIZE = 10
+# A read (one page, one group query) answers within this or is answered 503.
+READ_TIMEOUT = 30.0
+# Connecting, checking and migrating at start, all together.
+START_TIMEOUT = 120.0
+
+
+def is_postgres_url(database: str) -> bool:
+    return database.partition("://")[0].lower() in SCHEMES
+
+
+_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):[^/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def display_url(url: str) -> str:
+    """``url`` without its password (in the user part or as ``?password=``), for messages
+    and logs. Plain text matching, not a URL parser: it must work on any text a user gave,
+    parseable or not."""
+    url = _USERINFO_PASSWORD.sub(r"\1:***@", url)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+def check_url(url: str, connect_timeout: float = 10.0) -> str | None:
+    """Before ``serve``: why the service could not use ``url`` (None when it can): a URL
+    asyncpg cannot parse, or a server that refuses or does not answer (bounded wait). The
+    URL is left to asyncpg whole: libpq's forms (``host1:5432,host2:5432``, ``?host=``)
+    are not what ``urllib`` parses."""
+
+    async def probe() -> None:
+        connection = await asyncpg.connect(url, timeout=connect_timeout)
+        await connection.close(timeout=connect_timeout)
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # every failure becomes a message, none a traceback
+        return f"cannot connect to {display_url(url)} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _failure(url: str, exc: BaseException) -> StorageFailure:
+    return StorageFailure(f"{display_url(url)}: {type(exc).__name__}: {exc}")
+
+
+async def _is_ours(connection: asyncpg.Connection) -> str | None:
+    """The first of our tables the database lacks, or None when it has them all."""
+    for table in OUR_TABLES:
+        if not await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            return table
+    return None
+
+
+class PostgresStorage(PostgresWriter):
+    """The storage protocol on one PostgreSQL database (see ``PostgresWriter`` for writes).
+
+    ``read_only``: only the read pool is opened, and only on a database of this service (the
+    CLI's read commands: a wrong database is refused without writing). ``must_exist``: the
+    same check before the writer migrates anything (``prune``, ``delete``, which must not
+    create the schema where there was none).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        read_only: bool = False,
+        must_exist: bool = False,
+        limits: WriterLimits | None = None,
+        pool_max_size: int = POOL_MAX_SIZE,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        super().__init__(url, limits)
+        self.read_only = read_only
+        self.must_exist = must_exist
+        self.pool_max_size = pool_max_size
+        self.read_timeout = read_timeout
+        self.pool: reads.PgPool | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({display_url(self.url)!r})"
+
+    # --- life -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.pool is not None:
+            return
+        try:
+            # Bounded as a whole: a server that accepts connections but never answers (or a
+            # migration of another process that never ends) fails the start, not hangs it.
+            async with asyncio.timeout(START_TIMEOUT):
+                if not self.read_only:
+                    await self._start_writer()
+                await self._check_reader()
+            self.pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.pool_max_size,
+                timeout=self.limits.connect_timeout,
+                command_timeout=self.read_timeout,
+                server_settings={
+                    "application_name": "reporting-endpoint reader",
+                    # Readers cannot write, whatever a bug asks of them.
+                    "default_transaction_read_only": "on",
+                },
+            )
+        except (StorageError, StorageFailure):
+            await self.stop_writer()
+            raise
+        except MigrationError as exc:
+            await self.stop_writer()
+            raise StorageFailure(f"{display_url(self.url)}: {exc}") from exc
+        except Exception as exc:
+            await self.stop_writer()
+            raise _failure(self.url, exc) from exc
+
+    async def _start_writer(self) -> None:
+        connection = await self.connect()
+        try:
+            if self.must_exist:
+                missing = await _is_ours(connection)
+                if missing is not None:
+                    raise NotOurDatabase(
+                        f"{display_url(self.url)} is not a reporting-endpoint database"
+                        f" (it has no {missing} table)"
+                    )
+            await apply_migrations(connection, lock_timeout=self.limits.connect_timeout * 6)
+            await self.start_writer(connection)
+        except BaseException:
+            connection.terminate()
+            raise
+
+    async def _check_reader(self) -> None:
+        if not self.read_only:
+            return
+        connection = await asyncpg.connect(self.url, timeout=self.limits.connect_timeout)
+        try:
+            missing = await _is_ours(connection)
+        finally:
+            await connection.close(timeout=self.limits.connect_timeout)
+        if missing is not None:
+            raise NotOurDatabase(
+                f"{display_url(self.url)} is not a reporting-endpoint database"
+                f" (it has no {missing} table)"
+            )
+
+    async def stop(self) -> None:
+        """Refuse new work, commit everything already queued (bounded), close."""
+        try:
+            await self.stop_writer()
+        finally:
+            pool, self.pool = self.pool, None
+            if pool is not None:
+                try:
+                    await asyncio.wait_for(pool.close(), self.limits.connect_timeout)
+                except (TimeoutError, Exception):
+                    pool.terminate()
+
+    def health(self) -> WriterHealth:
+        if self.read_only:
+            return WriterHealth(self.pool is not None, 0, self.queue_size)
+        return super().health()
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def insert_crash(self, crash: NewCrash) -> None:
+        await self.run_job(partial(crashes.insert_crash, crash=crash))
+
+    async def record_crash_facts(self, crash_id: str, facts: Mapping[str, Any]) -> None:
+        await self.run_job(partial(crashes.record_facts, crash_id=crash_id, facts=facts))
+
+    async def record_crash_failure(self, crash_id: str, error: str) -> None:
+        await self.run_job(partial(crashes.record_failure, crash_id=crash_id, error=error))
+
+    async def prune(self, older_than_ms: int, *, crashes: bool = True) -> Deletion:
+        if crashes:
+            return await self.run_job(
+                partial(deletion.prune_everything, older_than_ms=older_than_ms)
+            )
+        reports = await self.run_job(partial(deletion.prune_reports, older_than_ms=older_than_ms))
+        return Deletion(reports=reports)
+
+    async def delete_report(self, report_id: int) -> bool:
+        if not -(1 << 63) <= report_id < 1 << 63:
+            return False  # no bigint id: asyncpg could not even send it
+        return await self.run_job(partial(deletion.delete_report, report_id=report_id))
+
+    async def delete_crash(self, crash_id: str) -> Deletion:
+        if "\x00" in crash_id:
+            return Deletion()  # PostgreSQL cannot hold it, so no row has it
+        return await self.run_job(partial(deletion.delete_crash, crash_id=crash_id))
+
+    async def unreferenced_blobs(self, blobs: Sequence[Blob]) -> tuple[Blob, ...]:
+        # Through the writer, as on SQLite: after every crash row this process queued before
+        # the check has committed, so an upload of the same content in flight keeps its blob.
+        return await self.run_job(partial(deletion.unreferenced, blobs=blobs))
+
+    async def referenced_blobs(self) -> frozenset[str]:
+        return await self._read(reads.referenced_blobs)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def _translate(self, exc: Exception) -> Exception:
+        """The storage error a driver error stands for."""
+        if isinstance(exc, StorageError | StorageFailure):
+            return exc
+        if is_unavailable(exc):
+            return DatabaseUnavailable(f"the database did not answer: {type(exc).__name__}")
+        if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+            return _failure(self.url, exc)
+        return exc
+
+    async def _read(self, query: Callable[..., Awaitable[T]], *args: object) -> T:
+        pool = self.pool
+        if pool is None:
+            raise StorageNotStarted()
+        try:
+            # One bound for the whole call: the pool's acquire and each query have their own,
+            # but a read must never outlast this whatever the server does.
+            async with asyncio.timeout(self.read_timeout):
+                return await query(pool, *args)
+        except Exception as exc:
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    async def pending_crashes(self, limit: int) -> tuple[PendingCrash, ...]:
+        return await self._read(reads.pending_crashes, limit)
+
+    async def groups(
+        self, source: Source, by: Sequence[str], filters: Filters, limit: int
+    ) -> GroupPage:
+        return await self._read(reads.groups, source, by, filters, limit)
+
+    async def reports_page(
+        self, filters: Filters, limit: int, after: Position | None = None
+    ) -> Page:
+        return await self._read(reads.reports_page, filters, limit, after)
+
+    async def get_report(self, report_id: int) -> dict[str, Any] | None:
+        return await self._read(reads.get_report, report_id)
+
+    async def crash_page(self, filters: Filters, limit: int, after: Position | None = None) -> Page:
+        return await self._read(reads.crash_page, filters, limit, after)
+
+    async def get_crash(self, crash_id: str) -> dict[str, Any] | None:
+        return await self._read(reads.get_crash, crash_id)
+
+    async def crash_dump_path(self, crash_id: str) -> str | None:
+        return await self._read(reads.crash_dump_path, crash_id)
+
+    async def timeseries(
+        self, source: Source, bucket: Bucket, by: Sequence[str], filters: Filters
+    ) -> tuple[SeriesCount, ...]:
+        return await self._read(reads.timeseries, source, bucket, by, filters)
+
+    async def quarantine_page(
+        self, filters: Filters, limit: int, after: Position | None = None
+    ) -> Page:
+        return await self._read(reads.quarantine_page, filters, limit, after)
+
+    async def get_quarantined(self, row_id: int) -> dict[str, Any] | None:
+        return await self._read(reads.get_quarantined, row_id)
+
+    async def quarantine_counts(self) -> tuple[tuple[str, int], ...]:
+        return await self._read(reads.quarantine_counts)
+
+    async def _iterate(
+        self, rows: Callable[[reads.PgPool], AsyncIterator[dict[str, Any]]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        pool = self.pool
+        if pool is None:
+            raise StorageNotStarted()
+        iterator = rows(pool)
+        try:
+            while True:
+                try:
+                    # Each page is one bounded read; the caller's time between rows is its own.
+                    async with asyncio.timeout(self.read_timeout):
+                        row = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    translated = self._translate(exc)
+                    if translated is exc:
+                        raise
+                    raise translated from exc
+                yield row
+        finally:
+            with contextlib.suppress(Exception):
+                await iterator.aclose()  # type: ignore[attr-defined]
+
+    async def iter_reports(
+        self, filters: Filters | None = None, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        async for report in self._iterate(
+            lambda pool: reads.iter_reports(pool, filters, page_size)
+        ):
+            yield report
+
+    async def iter_crashes(
+        self, filters: Filters | None = None, *, page_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        async for crash in self._iterate(lambda pool: reads.iter_crashes(pool, filters, page_size)):
+            yield crash

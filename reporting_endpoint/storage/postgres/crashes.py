@@ -1,0 +1,106 @@
+"""SQL for crash rows in PostgreSQL: insert after the upload, record the parsed facts later.
+
+Jobs on the writer's connection; the caller owns the transaction. Text is cleaned first
+(``values.clean_text``: NUL and lone surrogates), and every fact is coerced to its column's
+type, since PostgreSQL, unlike SQLite, refuses an int in a text column and the reverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+import orjson
+
+from reporting_endpoint.records import NewCrash
+from reporting_endpoint.storage.postgres.values import clean_text
+from reporting_endpoint.storage.rows import FACT_COLUMNS, U64_FACTS, u64_to_db
+
+_INTEGER_FACTS = frozenset({"exception_code", "crash_address", "crashing_thread", "crash_offset"})
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else clean_text(value)
+
+
+def _json(value: object) -> str:
+    return clean_text(orjson.dumps(value).decode())
+
+
+async def insert_crash(connection: asyncpg.Connection, crash: NewCrash) -> None:
+    await connection.execute(
+        "INSERT INTO crashes (id, received_at, product, version, guid, platform, process_type,"
+        " electron_version, annotations, query, dump_sha256, dump_size, dump_path, attachments,"
+        " upload_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        crash.id, crash.received_at, _text(crash.product), _text(crash.version),
+        _text(crash.guid), _text(crash.platform), _text(crash.process_type),
+        _text(crash.electron_version), _json(crash.annotations), _json(crash.query),
+        crash.dump_sha256, crash.dump_size, _text(crash.dump_path),
+        _json(list(crash.attachments)), crash.upload_bytes,
+    )  # fmt: skip
+
+
+def fact_value(name: str, value: Any) -> object:
+    """One fact as its column holds it; a value that does not fit becomes None (not a lost
+    result): u64 facts in two's complement, other integers only within 64 bits."""
+    if value is None:
+        return None
+    if name in _INTEGER_FACTS:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):  # bool included: it is an int
+            return None
+        if name in U64_FACTS:
+            return u64_to_db(int(value))
+        return int(value) if _I64_MIN <= value <= _I64_MAX else None
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, int | float):
+        return str(value)
+    return None
+
+
+async def record_facts(
+    connection: asyncpg.Connection, crash_id: str, facts: Mapping[str, Any]
+) -> None:
+    """Mark the crash parsed with its facts; if they still cannot be written, mark it failed.
+
+    Either way the row leaves ``pending``: a result that cannot be stored must not leave the
+    crash to be parsed again, and fail again, at every start. The first attempt runs under a
+    savepoint, so its failure does not abort the transaction the fallback runs in.
+    """
+    assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(FACT_COLUMNS, 1))
+    values = [fact_value(name, facts.get(name)) for name in FACT_COLUMNS]
+    await connection.execute("SAVEPOINT facts")
+    try:
+        await connection.execute(
+            f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments}"
+            f" WHERE id = ${len(FACT_COLUMNS) + 1}",
+            *values,
+            crash_id,
+        )
+    # Server-side data errors (class 22), and asyncpg's own when it cannot encode a value.
+    except (asyncpg.DataError, OverflowError, ValueError) as exc:
+        await connection.execute("ROLLBACK TO SAVEPOINT facts")
+        signature = facts.get("signature")
+        await connection.execute(
+            "UPDATE crashes SET parse_status = 'failed', parse_error = $1, signature = $2"
+            " WHERE id = $3",
+            clean_text(f"facts not stored: {type(exc).__name__}: {exc}"[:500]),
+            clean_text(signature) if isinstance(signature, str) else "unparseable dump",
+            crash_id,
+        )
+    else:
+        await connection.execute("RELEASE SAVEPOINT facts")
+
+
+async def record_failure(connection: asyncpg.Connection, crash_id: str, error: str) -> None:
+    await connection.execute(
+        "UPDATE crashes SET parse_status = 'failed', parse_error = $1, signature = $2"
+        " WHERE id = $3",
+        clean_text(error[:500]),
+        "unparseable dump",
+        crash_id,
+    )
