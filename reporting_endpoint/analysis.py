@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from reporting_endpoint.blobs import BlobStore
+from reporting_endpoint.blobstores import BlobStore
 from reporting_endpoint.minidump import parse_dump
 from reporting_endpoint.storage.base import Storage, StorageError
 
@@ -33,7 +33,6 @@ class DumpAnalyzer:
             self.queue.put_nowait((crash_id, dump_path))
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.blobs.sweep)
         self.queue = asyncio.Queue(QUEUE_SIZE)
         for pending in await self.storage.pending_crashes(QUEUE_SIZE):
             self.submit(pending.id, pending.dump_path)
@@ -64,8 +63,9 @@ class DumpAnalyzer:
 
     async def analyse(self, crash_id: str, dump_path: str) -> None:
         try:
-            path = self.blobs.open_path(dump_path)
-            facts = await asyncio.to_thread(parse_dump, path)
+            # On S3 a temp download for the parse; on the folder store the blob file itself.
+            async with self.blobs.local_file(dump_path) as path:
+                facts = await asyncio.to_thread(parse_dump, path)
         except Exception as exc:
             log.info("crash %s: dump not parsed: %s", crash_id, exc)
             await self.storage.record_crash_failure(crash_id, f"{type(exc).__name__}: {exc}")

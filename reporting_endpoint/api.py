@@ -4,17 +4,17 @@ read (read token), and deleting one report or crash (write token)."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from reporting_endpoint import deletion
-from reporting_endpoint.blobs import BlobStore
+from reporting_endpoint.blobstores import BlobNotFound, BlobStore, BlobStoreError, BlobStream
 from reporting_endpoint.errors import RequestRejected, error_response
 from reporting_endpoint.params import (
     DIMENSIONS,
@@ -165,6 +165,15 @@ def _source(value: str) -> Source:
     raise QueryError("invalid_source", "source is reports or crashes")
 
 
+async def _chunks(stream: BlobStream) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        # Also when the client goes away mid-download: the file or connection is released.
+        await stream.aclose()
+
+
 class ReadApi:
     """The endpoints; every query goes through the storage protocol's reads (never the
     writer's connection)."""
@@ -224,14 +233,24 @@ class ReadApi:
         dump_path = await self._read(self.storage.crash_dump_path(crash_id))
         if dump_path is None:
             raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
-        # A hash path the service made itself; open_path also refuses anything outside blobs/.
-        path = self.blobs.open_path(dump_path)
-        if not path.is_file():
-            raise RequestRejected(404, "minidump_missing", "the dump file is gone")
-        return FileResponse(
-            path,
+        try:
+            # The row's key is checked again by the store (never a path outside blobs/).
+            stream = await self.blobs.open(dump_path)
+        except (BlobNotFound, ValueError):
+            raise RequestRejected(404, "minidump_missing", "the dump file is gone") from None
+        except (BlobStoreError, OSError):
+            raise RequestRejected(
+                503, "blob_store_error", "the dump store is not available"
+            ) from None
+        # Streamed as the client reads it (from a file or straight from the bucket), with its
+        # length up front so a download tool can show progress and spot a cut-off transfer.
+        return StreamingResponse(
+            _chunks(stream),
             media_type="application/octet-stream",
-            filename=f"{crash_id}.dmp",
+            headers={
+                "Content-Length": str(stream.size),
+                "Content-Disposition": f'attachment; filename="{crash_id}.dmp"',
+            },
         )
 
     async def reports(self, request: Request) -> Response:
@@ -297,7 +316,7 @@ class ReadApi:
 
     async def delete_crash(self, request: Request) -> Response:
         crash_id = _crash_id(request)
-        gone = await self._read(deletion.delete_crash(self.storage, crash_id, self.blobs.root))
+        gone = await self._read(deletion.delete_crash(self.storage, crash_id, self.blobs))
         if not gone.crashes:
             raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
         return _json({"deleted": {"reports": 0, "crashes": 1, "files": gone.files_removed}})

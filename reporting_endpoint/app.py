@@ -1,4 +1,5 @@
-"""The Starlette application factory: routes and middleware as lists, storage in the lifespan."""
+"""The Starlette application factory: routes and middleware as lists, storage and the blob
+store in the lifespan."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from reporting_endpoint.analysis import DumpAnalyzer
 from reporting_endpoint.api import BearerTokenMiddleware, ReadApi
-from reporting_endpoint.blobs import BlobStore
+from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
 from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
 from reporting_endpoint.errors import EXCEPTION_HANDLERS
 from reporting_endpoint.grouping import warm_up
@@ -33,31 +34,37 @@ def service_lifespan(
     retention_days: int | None = None,
     tune_gc: bool = False,
 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    blobs = analyzer.blobs
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await storage.start()
-        await analyzer.start()
-        await asyncio.to_thread(warm_up)
-        if tune_gc:
-            # Everything loaded so far lives as long as the process: moving it out of the
-            # collector's reach cut the ingest path from 68 to 49 us a request (measured).
-            gc.freeze()
-        pruner = None
-        if retention_days is not None:
-            # With the data folder, retention covers crashes and their files too.
-            pruner = asyncio.create_task(
-                retention_loop(storage, retention_days, data_dir=analyzer.blobs.root)
-            )
+        # The blob store first (its folders, the sweep of temp files a kill left) and closed
+        # last: the storage's start hands pending dumps to the analyzer, which reads them.
+        await blobs.start()
         try:
-            yield
+            await storage.start()
+            await analyzer.start()
+            await asyncio.to_thread(warm_up)
+            if tune_gc:
+                # Everything loaded so far lives as long as the process: moving it out of the
+                # collector's reach cut the ingest path from 68 to 49 us a request (measured).
+                gc.freeze()
+            pruner = None
+            if retention_days is not None:
+                # With the blob store, retention covers crashes and their blobs too.
+                pruner = asyncio.create_task(retention_loop(storage, retention_days, blobs=blobs))
+            try:
+                yield
+            finally:
+                if pruner is not None:
+                    pruner.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pruner
+                await analyzer.stop()
+                # Drains the queue: every report already accepted is committed before exit.
+                await storage.stop()
         finally:
-            if pruner is not None:
-                pruner.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pruner
-            await analyzer.stop()
-            # Drains the queue: every report already accepted is committed before exit.
-            await storage.stop()
+            await blobs.close()
 
     return lifespan
 
@@ -107,7 +114,10 @@ def create_app(
     """
     settings = settings or Settings.from_env()
     storage = storage or open_storage(settings.database_url, settings)
-    analyzer = DumpAnalyzer(storage, BlobStore(settings.data_dir))
+    blobs = open_blob_store(
+        settings.blob_store or "", settings.data_dir, locks=blob_locks_of(storage)
+    )
+    analyzer = DumpAnalyzer(storage, blobs)
     app = Starlette(
         routes=routes(settings, storage, analyzer),
         exception_handlers=EXCEPTION_HANDLERS,
@@ -116,6 +126,7 @@ def create_app(
     app.state.settings = settings
     app.state.storage = storage
     app.state.analyzer = analyzer
+    app.state.blobs = blobs
     return app
 
 

@@ -26,6 +26,7 @@ SETTING_HELP: dict[str, str] = {
     "port": "port to bind (default 8000)",
     "db": "SQLite file, created when missing (default reports.sqlite3)",
     "database": "database URL, beats --db: a SQLite path or sqlite:///path",
+    "blob_store": "where dumps go: a folder, or s3://bucket/prefix (default: beside the database)",
     "ssl_certfile": "TLS certificate chain (PEM); serve HTTPS with --ssl-keyfile",
     "ssl_keyfile": "TLS private key (PEM)",
     "max_body_bytes": "largest /reports upload in bytes (default 1048576)",
@@ -50,6 +51,7 @@ SETTING_HELP: dict[str, str] = {
     "log_level": "uvicorn's log level: critical, error, warning, info (default), debug or trace",
     "access_log": "one log line per request (default: off)",
     "limit_concurrency": "connections served at once; past it 503 (default 1000)",
+    "workers": "processes serving the one port, each with its own writer (default 1)",
     "header_timeout": "seconds a client has to send a request's headers (default 10)",
     "body_timeout": "seconds to wait for the next chunk of a body before 408 (default 30)",
     "timeout_keep_alive": "seconds an idle keep-alive connection stays open (default 5)",
@@ -167,6 +169,7 @@ def _header(args: argparse.Namespace, out: TextIO) -> int:
 
 STORE_COMMANDS = {"export": "export", "stats": "stats", "prune": "prune", "delete": "delete_one"}
 _DATABASE_HELP = "database URL, beats --db: a SQLite path or sqlite:///path"
+_BLOB_STORE_HELP = "where the dumps are: a folder, or s3://bucket/prefix (as serve's)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--db", type=Path, help="SQLite file")
     prune.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
+    prune.add_argument("--blob-store", metavar="STORE", help=_BLOB_STORE_HELP)
     prune.add_argument("--older-than", required=True, help="e.g. 30d, 12h, or an ISO 8601 time")
 
     delete = commands.add_parser(
@@ -221,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     delete.add_argument("--db", type=Path, help="SQLite file")
     delete.add_argument("--database", metavar="URL", help=_DATABASE_HELP)
+    delete.add_argument("--blob-store", metavar="STORE", help=_BLOB_STORE_HELP)
     which = delete.add_mutually_exclusive_group(required=True)
     which.add_argument("--report", metavar="ID", help="a report id, as export and the API show")
     which.add_argument("--crash", metavar="ID", help="a crash id (32 hex digits)")

@@ -1,8 +1,8 @@
-"""Crashpad/Breakpad minidump uploads: de-gzip, stream the multipart form to files, commit, id."""
+"""Crashpad/Breakpad minidump uploads: de-gzip, stream the multipart form to blobs, commit, id."""
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
 import uuid
 import zlib
@@ -15,7 +15,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from reporting_endpoint.blobs import BlobStore, BlobWriter, StoredBlob
+from reporting_endpoint.blobstores import BlobStore, BlobStoreError, BlobWriter, StoredBlob
+from reporting_endpoint.blobstores.base import key_for
 from reporting_endpoint.errors import RequestRejected
 from reporting_endpoint.records import NewCrash
 from reporting_endpoint.settings import Settings
@@ -26,6 +27,8 @@ MINIDUMP_MAGIC = b"MDMP"
 GZIP_MAGIC = b"\x1f\x8b"
 CHUNK = 64 * 1024  # most bytes one decompress step may produce: bounds memory per upload
 MAX_QUERY_BYTES = 4096
+
+log = logging.getLogger("reporting_endpoint.crashpad")
 
 
 class UploadRejected(Exception):
@@ -195,6 +198,12 @@ class CrashpadEndpoint:
         except StorageError as exc:
             await send_text(send, 503, f"Discarded={exc.code}", {"Retry-After": "60"})
             return
+        except (BlobStoreError, OSError) as exc:
+            # The bucket or the disk failed (full, unreachable): nothing was committed.
+            log.warning("upload refused: the blob store failed: %s", exc)
+            code = exc.code if isinstance(exc, BlobStoreError) else BlobStoreError.code
+            await send_text(send, 503, f"Discarded={code}", {"Retry-After": "60"})
+            return
         await send_text(send, 200, crash.id)  # no trailing newline: it becomes the id verbatim
         if self.on_stored is not None:
             self.on_stored(crash.id, crash.dump_path)
@@ -284,28 +293,40 @@ class CrashpadEndpoint:
         if dump_writer.head[:4] != MINIDUMP_MAGIC:
             raise UploadRejected(400, "not_a_minidump")
 
-        def commit_all() -> list[StoredBlob]:
-            return [self.blobs.commit(writer) for _, _, writer in form.files]
+        writers = [writer for _, _, writer in form.files]
+        # Held until the row has committed: a deletion freeing the same content waits for
+        # it, so it cannot remove a blob this row is about to reference (blobstores/locks.py).
+        async with self.blobs.uploading([key_for(w.sha256) for w in writers]):
+            blobs = await self.blobs.commit_all(writers)
+            crash = self._crash(scope, form, upload_bytes, blobs, writers.index(dump_writer))
+            await self.storage.insert_crash(crash)
+        return crash
 
-        # fsync and rename: blocking, so off the event loop.
-        blobs = await asyncio.to_thread(commit_all)
-        dump_blob = blobs[[w for _, _, w in form.files].index(dump_writer)]
+    def _crash(
+        self,
+        scope: Scope,
+        form: _Form,
+        upload_bytes: int,
+        blobs: list[StoredBlob],
+        dump_index: int,
+    ) -> NewCrash:
+        dump_blob = blobs[dump_index]
         attachments = tuple(
             {
                 "name": name,
                 "filename": filename,
                 "sha256": blob.sha256,
                 "size": blob.size,
-                "path": str(blob.path),
+                "path": blob.key,
             }
-            for (name, filename, writer), blob in zip(form.files, blobs, strict=True)
-            if writer is not dump_writer
+            for index, ((name, filename, _), blob) in enumerate(zip(form.files, blobs, strict=True))
+            if index != dump_index
         )
         raw_query = bytes(scope.get("query_string", b""))[:MAX_QUERY_BYTES]
         query = dict(parse_qsl(raw_query.decode("utf-8", "replace")))
         fields = form.fields
         is_electron = fields.get("prod") == "Electron"
-        crash = NewCrash(
+        return NewCrash(
             id=uuid.uuid4().hex,
             received_at=time.time_ns() // 1_000_000,
             # Electron: the app's own name and version, not Electron's ("prod"/"ver", which
@@ -322,9 +343,7 @@ class CrashpadEndpoint:
             query=query,
             dump_sha256=dump_blob.sha256,
             dump_size=dump_blob.size,
-            dump_path=str(dump_blob.path),
+            dump_path=dump_blob.key,
             attachments=attachments,
             upload_bytes=upload_bytes,
         )
-        await self.storage.insert_crash(crash)
-        return crash

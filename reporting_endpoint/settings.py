@@ -12,6 +12,8 @@ from typing import Any
 ENV_PREFIX = "REPORTING_ENDPOINT_"
 
 MiB = 1024 * 1024
+# The data folder when the database is a server and no blob_store folder is named (README).
+SERVER_DATA_DIR = Path("reporting-endpoint.data")
 
 
 class SettingsError(ValueError):
@@ -27,6 +29,9 @@ class Settings:
     db: Path = Path("reports.sqlite3")
     # A database URL; beats db when set: a path or sqlite:///path is SQLite.
     database: str | None = None
+    # Where dumps and attachments go: unset -> the data folder (beside the SQLite file), a
+    # folder path, or s3://bucket/prefix (credentials from the standard AWS_* variables).
+    blob_store: str | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     # W3C uploads: Chromium batches at most 100 queued reports, so 1 MiB is generous.
@@ -66,6 +71,9 @@ class Settings:
     # `serve` only: connections served at once (past it: 503), seconds to receive a request's
     # headers, seconds to wait for the next chunk of a body, seconds an idle keep-alive lasts.
     limit_concurrency: int = 1000
+    # `serve` only: processes on one port, each with its own writer (SQLite serialises their
+    # commits on its write lock; PostgreSQL commits them in parallel).
+    workers: int = 1
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     timeout_keep_alive: float = 5.0
@@ -84,6 +92,7 @@ class Settings:
             "crashpad_max_annotation_bytes",
             "quarantine_max_rows",
             "limit_concurrency",
+            "workers",
             "write_lock_timeout",
             "header_timeout",
             "body_timeout",
@@ -99,6 +108,10 @@ class Settings:
             raise SettingsError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
         if self.database is not None and not self.database.strip():
             raise SettingsError("database must not be empty (or unset to use db)")
+        if self.blob_store and "://" in self.blob_store:
+            scheme, _, rest = self.blob_store.partition("://")
+            if scheme != "s3" or not rest.split("/", 1)[0]:
+                raise SettingsError("blob_store is a folder path or s3://bucket/prefix")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise SettingsError("ssl_certfile and ssl_keyfile go together")
 
@@ -109,9 +122,13 @@ class Settings:
 
     @property
     def data_dir(self) -> Path:
-        """Folder beside the database file for files that are not rows (minidumps); beside
-        ``db`` when the database is a server."""
-        path = sqlite_file(self.database_url) or self.db
+        """Folder for what is not rows: the blobs (unless ``blob_store`` names another folder
+        or a bucket) and uploads in progress. ``<file>.data`` beside a SQLite file; for a
+        database server, whose URL names no folder, ``SERVER_DATA_DIR`` in the working
+        directory."""
+        path = sqlite_file(self.database_url)
+        if path is None:
+            return SERVER_DATA_DIR
         return path.with_name(path.name + ".data")
 
     def replace(self, **changes: Any) -> Settings:

@@ -11,11 +11,13 @@ import argparse
 import asyncio
 import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from reporting_endpoint.settings import Settings
 
 if TYPE_CHECKING:
+    from reporting_endpoint.blobstores import BlobStore
     from reporting_endpoint.storage.base import Deletion, Storage
     from reporting_endpoint.storage.filters import Filters
 
@@ -33,7 +35,8 @@ def command_settings(args: argparse.Namespace) -> Settings:
     """Settings of a command that reads or changes the store: --db / --database, then the
     environment."""
     db, database = getattr(args, "db", None), getattr(args, "database", None)
-    settings = Settings.from_env(db=db, database=database)
+    blob_store = getattr(args, "blob_store", None)
+    settings = Settings.from_env(db=db, database=database, blob_store=blob_store)
     return db_flag_wins(settings, db, database)
 
 
@@ -52,6 +55,21 @@ async def _opened(
     )
     await storage.start()
     return storage
+
+
+@asynccontextmanager
+async def _blob_store(settings: Settings, storage: Storage) -> AsyncIterator[BlobStore]:
+    """The blob store the service uses (``--blob-store`` or the setting), started, with the
+    same locks as the service (so a deletion here never races one of its uploads)."""
+    from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
+
+    locks = blob_locks_of(storage)
+    blobs = open_blob_store(settings.blob_store or "", settings.data_dir, locks=locks)
+    await blobs.start()
+    try:
+        yield blobs
+    finally:
+        await blobs.close()
 
 
 # OWASP CSV injection: a cell starting with one of these is a formula to a spreadsheet.
@@ -222,7 +240,8 @@ def prune(args: argparse.Namespace, out: TextIO) -> int:
         storage = await _opened(settings, must_exist=True)
         try:
             # prune also collects dump files an interrupted deletion left without a row.
-            return await deletion.prune(storage, cutoff, settings.data_dir, sweep=True)
+            async with _blob_store(settings, storage) as blobs:
+                return await deletion.prune(storage, cutoff, blobs, sweep=True)
         finally:
             await storage.stop()
 
@@ -260,7 +279,8 @@ def delete_one(args: argparse.Namespace, out: TextIO) -> int:
         try:
             if report_id is not None:
                 return Deletion(reports=int(await storage.delete_report(report_id)))
-            return await deletion.delete_crash(storage, crash_id, settings.data_dir)
+            async with _blob_store(settings, storage) as blobs:
+                return await deletion.delete_crash(storage, crash_id, blobs)
         finally:
             await storage.stop()
 

@@ -270,3 +270,35 @@ def test_open_blob_store_chooses_by_spec(tmp_path: Path) -> None:
     assert isinstance(folder, FilesystemBlobStore) and folder.root == tmp_path / "elsewhere"
     with pytest.raises(ValueError):
         open_blob_store("ftp://host/x", tmp_path)
+
+
+# --- the locks that keep a removal off an upload in flight (locks.py) -----------------------
+
+
+def test_uploads_share_a_shard_and_a_removal_excludes_them(tmp_path: Path) -> None:
+    from reporting_endpoint.blobstores import BlobStoreBusy
+    from reporting_endpoint.blobstores.locks import ShardLocks
+
+    key = key_for("ab" * 32)
+    other = key_for("cd" * 32)
+
+    async def scenario() -> None:
+        locks = ShardLocks(tmp_path / "locks")
+        elsewhere = ShardLocks(tmp_path / "locks")  # another process's view of the folder
+        async with locks.uploading([key]), elsewhere.uploading([key]):
+            async with elsewhere.removing([key], wait=0.2) as held:
+                assert not held  # uploads in flight: the removal gives up, removes nothing
+            async with elsewhere.removing([other], wait=0.2) as held:
+                assert held  # another shard is free
+        async with elsewhere.removing([key], wait=0.2) as held:
+            assert held
+            with pytest.raises(BlobStoreBusy):
+                async with locks.uploading([key], wait=0.2):
+                    pass
+        # Released on exit: an upload goes through again.
+        async with locks.uploading([key, other], wait=0.2):
+            pass
+
+    asyncio.run(scenario())
+    # The locks are folders: a listing of the data folder shows no file that is not a blob.
+    assert [p for p in (tmp_path / "locks").rglob("*") if p.is_file()] == []

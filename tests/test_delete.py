@@ -4,6 +4,7 @@ over crashes, and their dump and attachment files once nothing references them."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sqlite3
@@ -18,7 +19,8 @@ from starlette.testclient import TestClient
 
 from reporting_endpoint import deletion as deleting
 from reporting_endpoint.app import create_app
-from reporting_endpoint.deletion import remove_blobs
+from reporting_endpoint.blobstores import BlobStore
+from reporting_endpoint.blobstores.filesystem import FilesystemBlobStore
 from reporting_endpoint.retention import DAY_MS, prune_deletion
 from reporting_endpoint.settings import Settings
 from reporting_endpoint.storage import SQLiteStorage, StorageError
@@ -28,6 +30,7 @@ from reporting_endpoint.storage.sqlite.deletion import prune_everything
 from reporting_endpoint.storage.sqlite.rollups import HOURLY_TABLES, TOTAL_TABLES
 from tests.conftest import crash_report
 from tests.crashpad_client import MINIDUMPS, content_type, multipart
+from tests.s3server import s3_server  # noqa: F401 (the fixture, until conftest has it)
 
 READ = "read-token"
 WRITE = "write-token"
@@ -67,6 +70,11 @@ def upload(client: TestClient, dump: bytes, attachment: bytes | None = None) -> 
     response = client.post("/crashpad", content=body, headers={"content-type": content_type()})
     assert response.status_code == 200, response.text
     return response.text
+
+
+def blob_store(client: TestClient) -> BlobStore:
+    store: BlobStore = client.app.state.blobs  # type: ignore[attr-defined]
+    return store
 
 
 def blob_files(settings: Settings) -> set[str]:
@@ -252,7 +260,7 @@ def test_retention_deletes_old_crashes_and_their_files(api: TestClient, settings
     # As the service's retention loop does it: through the running service's writer.
     storage = api.app.state.storage  # type: ignore[attr-defined]
     deletion = api.portal.call(  # type: ignore[union-attr]
-        partial(prune_deletion, storage, days=7, data_dir=settings.data_dir)
+        partial(prune_deletion, storage, days=7, blobs=blob_store(api))
     )
     assert (deletion.reports, deletion.crashes, deletion.files_removed) == (0, 2, 2)
     assert blob_files(settings) == {other_sha}
@@ -274,7 +282,8 @@ def test_prune_from_another_process_covers_crashes(api: TestClient, settings: Se
         await storage.start()
         try:
             cutoff = time.time_ns() // 1_000_000 - 30 * DAY_MS
-            return await deleting.prune(storage, cutoff, settings.data_dir, sweep=False)
+            store = FilesystemBlobStore(settings.data_dir)
+            return await deleting.prune(storage, cutoff, store, sweep=False)
         finally:
             await storage.stop()
 
@@ -297,7 +306,8 @@ def test_files_stay_when_the_deletion_does_not_commit(api: TestClient, settings:
         await storage.start()
         try:
             failing = storage.run_job(fails_after_deleting)
-            return await deleting.delete_with_files(storage, failing, settings.data_dir)
+            store = FilesystemBlobStore(settings.data_dir)
+            return await deleting.delete_with_files(storage, failing, store)
         finally:
             await storage.stop()
 
@@ -317,19 +327,23 @@ def test_a_file_written_again_after_the_deletion_began_is_kept(
     sha, _ = sha_of(settings, crash_id)
     path = f"blobs/{sha[:2]}/{sha}"
     started = time.time_ns()
+    storage = api.app.state.storage  # type: ignore[attr-defined]
+    store = blob_store(api)
     connection = open_connection(settings.db)
     try:
-        connection.execute("DELETE FROM crashes")
+        connection.execute("DELETE FROM crashes")  # as if a deletion had just committed
         written_later = started + 1_000_000_000
         os.utime(settings.data_dir / path, ns=(written_later, written_later))
-        assert remove_blobs(settings.data_dir, [Blob(sha, path)], started) == 0
+        remove = partial(deleting.remove_unreferenced, storage, store, [Blob(sha, path)])
+        assert api.portal.call(remove, started) == 0  # type: ignore[union-attr]
         assert (settings.data_dir / path).is_file()
-        assert remove_blobs(settings.data_dir, [Blob(sha, path)], written_later) == 1
+        assert api.portal.call(remove, written_later) == 1  # type: ignore[union-attr]
         assert not (settings.data_dir / path).exists()
         # Never anything outside blobs/, whatever a row says.
         outside = settings.data_dir / "keep.txt"
         outside.write_text("x")
-        assert remove_blobs(settings.data_dir, [Blob("f" * 64, "keep.txt")], 2**62) == 0
+        keep = partial(deleting.remove_unreferenced, storage, store, [Blob("f" * 64, "keep.txt")])
+        assert api.portal.call(keep, 2**62) == 0  # type: ignore[union-attr]
         assert outside.is_file()
     finally:
         connection.close()
@@ -359,7 +373,7 @@ def test_files_left_by_an_interrupted_deletion_are_collected_later(
         connection.close()
     assert len(blob_files(settings)) == 3
     storage = api.app.state.storage  # type: ignore[attr-defined]
-    run = partial(prune_deletion, storage, days=7, data_dir=settings.data_dir)
+    run = partial(prune_deletion, storage, days=7, blobs=blob_store(api))
     # Fresh files are left alone: an upload renames its file a moment before its row commits.
     assert api.portal.call(run).files_removed == 0  # type: ignore[union-attr]
     hours_ago = time.time_ns() - 2 * 3600 * 1_000_000_000
@@ -384,3 +398,149 @@ def test_retention_in_the_service_covers_crashes(tmp_path: Path) -> None:
         assert blob_files(settings) == {kept_sha}
         assert client.get(f"/api/crashes/{old}", headers=AS_READER).status_code == 404
         assert client.get(f"/api/crashes/{kept}/minidump", headers=AS_READER).content == OTHER_DUMP
+
+
+# --- a deletion racing an upload of the same content ------------------------------------------
+
+
+class PausingStorage(SQLiteStorage):
+    """SQLite storage with one hook per step a race turns on: ``insert_crash`` (an upload
+    whose blob is committed and whose row is not) and ``unreferenced_blobs`` (a deletion that
+    decided which blobs are free and has not removed them). Each pauses once when armed."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.paused: dict[str, asyncio.Event] = {}
+        self.resume: dict[str, asyncio.Event] = {}
+
+    def arm(self, step: str) -> None:
+        self.paused[step] = asyncio.Event()
+        self.resume[step] = asyncio.Event()
+
+    async def _hold(self, step: str) -> None:
+        if step in self.resume and not self.paused[step].is_set():
+            self.paused[step].set()
+            await self.resume[step].wait()
+
+    async def insert_crash(self, crash: Any) -> None:
+        await self._hold("insert_crash")
+        await super().insert_crash(crash)
+
+    async def unreferenced_blobs(self, blobs: Any) -> Any:
+        free = await super().unreferenced_blobs(blobs)
+        await self._hold("unreferenced_blobs")
+        return free
+
+
+def race_settings(tmp_path: Path, store_kind: str, request: pytest.FixtureRequest) -> Settings:
+    settings = Settings(db=tmp_path / "d.sqlite3", read_token=READ, write_token=WRITE)
+    if store_kind == "s3":
+        server = request.getfixturevalue("s3_server")
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        settings = settings.replace(blob_store=f"s3://{server.bucket}/race/{tmp_path.name}")
+    return settings
+
+
+async def asgi_call(
+    app: Any, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """One request straight into the ASGI app on the current loop (so a test can interleave
+    requests with its own hooks); answers the status and the body."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    sent = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def _post_dump(app: Any, dump: bytes) -> tuple[int, bytes]:
+    body = multipart({"_productName": "App"}, [("upload_file_minidump", "a.dmp", dump)])
+    return await asgi_call(app, "POST", "/crashpad", body, {"content-type": content_type()})
+
+
+async def _race(settings: Settings, first: str) -> tuple[str, bytes, int]:
+    """Upload DUMP (crash C), then run a second upload of DUMP (A) and the deletion of C (D)
+    with ``first`` paused at its hook while the other runs as far as it can. Answers A's id,
+    A's dump as downloaded after both finished, and D's status."""
+    from reporting_endpoint.app import create_app, lifespan
+
+    storage = PausingStorage(settings.db)
+    app = create_app(settings, storage=storage)
+    async with lifespan(app):
+        status, crash_c = await _post_dump(app, DUMP)
+        assert status == 200
+
+        def deleting() -> Any:
+            return asgi_call(app, "DELETE", f"/api/crashes/{crash_c.decode()}", headers=AS_WRITER)
+
+        if first == "upload":
+            # A's blob is committed (reusing C's file or object) and its row is not: then C is
+            # deleted, finding the content unreferenced, as far as it gets while A waits.
+            storage.arm("insert_crash")
+            upload_task = asyncio.ensure_future(_post_dump(app, DUMP))
+            await storage.paused["insert_crash"].wait()
+            delete_task = asyncio.ensure_future(deleting())
+            await asyncio.wait({delete_task}, timeout=1.0)  # done, unless something holds it
+            storage.resume["insert_crash"].set()
+        else:
+            # D decided the content is free and has not removed it yet: then A uploads the
+            # same content, as far as it gets while D waits.
+            storage.arm("unreferenced_blobs")
+            delete_task = asyncio.ensure_future(deleting())
+            await storage.paused["unreferenced_blobs"].wait()
+            upload_task = asyncio.ensure_future(_post_dump(app, DUMP))
+            await asyncio.wait({upload_task}, timeout=1.0)
+            storage.resume["unreferenced_blobs"].set()
+        (uploaded, crash_a), (deleted, _) = await upload_task, await delete_task
+        assert uploaded == 200, crash_a
+        path = f"/api/crashes/{crash_a.decode()}/minidump"
+        status, content = await asgi_call(app, "GET", path, headers=AS_READER)
+        assert status == 200, content
+        return crash_a.decode(), content, deleted
+
+
+@pytest.mark.parametrize("store_kind", ["filesystem", "s3"])
+@pytest.mark.parametrize("first", ["upload", "deletion"])
+def test_a_deletion_never_takes_the_blob_of_an_upload_in_flight(
+    tmp_path: Path, store_kind: str, first: str, request: pytest.FixtureRequest
+) -> None:
+    """An upload of the same content as a crash being deleted: after its 200, its dump is
+    there and downloadable, in whichever order the steps interleave."""
+    settings = race_settings(tmp_path, store_kind, request)
+    crash_a, downloaded, deleted = asyncio.run(_race(settings, first))
+    assert downloaded == DUMP
+    assert deleted == 200
+    # And it stays: a later deletion of A takes the blob (nothing else references it).
+    assert sha_of(settings, crash_a)[0] == hashlib.sha256(DUMP).hexdigest()

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,19 @@ TEMP_SUFFIX = ".part"
 
 class BlobNotFound(LookupError):
     """No blob under that key (deleted, swept, or never stored)."""
+
+
+class BlobStoreError(Exception):
+    """The store could not take a blob now (the bucket unreachable, the disk full); ``code``
+    is the reason an upload is answered with (503: try again later)."""
+
+    code = "blob_store_error"
+
+
+class BlobStoreBusy(BlobStoreError):
+    """A deletion held the lock of the upload's content for longer than an upload waits."""
+
+    code = "blob_store_busy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +107,25 @@ class BlobWriter:
             self.file.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+class BlobLocks(Protocol):
+    """Per-content exclusion between uploads (shared) and blob removals (exclusive), for
+    every process that writes to one store: see ``locks.py`` for why and for the local
+    implementation. A store shared by several hosts needs one all of them see."""
+
+    def uploading(self, keys: Iterable[str]) -> AbstractAsyncContextManager[None]: ...
+
+    def removing(self, keys: Iterable[str]) -> AbstractAsyncContextManager[bool]: ...
+
+
+@runtime_checkable
+class SharesBlobLocks(Protocol):
+    """A storage every host of a deployment shares (a database server) may hand out
+    ``BlobLocks`` that all of them see (e.g. PostgreSQL advisory locks); the composition
+    (app.py, the commands) then gives them to the blob store instead of the local ones."""
+
+    def blob_locks(self) -> BlobLocks: ...
 
 
 class BlobStream(Protocol):
@@ -163,4 +195,16 @@ class BlobStore(Protocol):
 
     async def sweep(self, older_than_seconds: float = 3600) -> int:
         """Remove temp files older than that (left by a killed process; never answered)."""
+        ...
+
+    def uploading(self, keys: Sequence[str]) -> AbstractAsyncContextManager[None]:
+        """Held by an upload from its blob commit until its row has committed: no deletion
+        removes these blobs meanwhile (``locks.py``). BlobStoreBusy when a deletion holds
+        them too long."""
+        ...
+
+    def removing(self, keys: Sequence[str]) -> AbstractAsyncContextManager[bool]:
+        """Held by a deletion from its "is it still referenced?" check until the blobs are
+        gone; yields False when uploads kept them busy (then remove nothing: the orphan sweep
+        takes them later)."""
         ...

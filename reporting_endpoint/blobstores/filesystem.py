@@ -13,19 +13,21 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from reporting_endpoint.blobstores._local import fsync_dir, make_private_dirs, sweep_temp
 from reporting_endpoint.blobstores.base import (
     BlobInfo,
+    BlobLocks,
     BlobNotFound,
     BlobWriter,
     StoredBlob,
     key_for,
     validate_key,
 )
+from reporting_endpoint.blobstores.locks import ShardLocks
 
 CHUNK = 256 * 1024
 # Digests this process knows to be durable (it fsynced them); bounded, oldest forgotten first.
@@ -36,10 +38,11 @@ KNOWN_DURABLE = 65536
 class FilesystemBlobStore:
     """Content-addressed files under ``root/blobs``; temp files in ``root/tmp``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, locks: BlobLocks | None = None) -> None:
         self.root = root
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
+        self.locks: BlobLocks = locks or ShardLocks(root / "locks")
         # Folders known to be on disk with their entries. Only added to after their fsync
         # returned, so a concurrent upload never skips a sync another is still doing, and empty
         # at start: a process that died between mkdir and fsync left them unknown.
@@ -152,6 +155,14 @@ class FilesystemBlobStore:
             self._durable.move_to_end(digest)
             while len(self._durable) > KNOWN_DURABLE:
                 self._durable.popitem(last=False)
+
+    # --- keeping deletions off blobs whose rows are on their way (locks.py) ------------
+
+    def uploading(self, keys: Sequence[str]) -> AbstractAsyncContextManager[None]:
+        return self.locks.uploading(keys)
+
+    def removing(self, keys: Sequence[str]) -> AbstractAsyncContextManager[bool]:
+        return self.locks.removing(keys)
 
     # --- reading ------------------------------------------------------------------------
 

@@ -16,25 +16,28 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 import obstore
-from obstore.exceptions import AlreadyExistsError, PreconditionError
+from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
 from obstore.store import S3Store
 
 from reporting_endpoint.blobstores._local import make_private_dirs, sweep_temp
 from reporting_endpoint.blobstores.base import (
     BlobInfo,
+    BlobLocks,
     BlobNotFound,
+    BlobStoreError,
     BlobWriter,
     StoredBlob,
     key_for,
     validate_key,
 )
+from reporting_endpoint.blobstores.locks import ShardLocks
 
 if TYPE_CHECKING:
     from obstore import BytesStream, ObjectMeta
@@ -83,10 +86,13 @@ def _allow_http(config: S3Config) -> bool:
 class S3BlobStore:
     """Blobs in a bucket under a prefix; local temp files in ``data_dir/tmp``."""
 
-    def __init__(self, spec: str, data_dir: Path) -> None:
+    def __init__(self, spec: str, data_dir: Path, locks: BlobLocks | None = None) -> None:
         bucket, prefix = parse_url(spec)
         self.spec = spec
         self.tmp = data_dir / "tmp"
+        # By default local: they order the uploads and deletions of the processes sharing
+        # this data folder (one host); several hosts on one bucket need locks all of them see.
+        self.locks: BlobLocks = locks or ShardLocks(data_dir / "locks")
         self.data_dir = data_dir
         config = config_from_env(os.environ)
         self.store = S3Store(
@@ -132,6 +138,9 @@ class S3BlobStore:
                 with suppress(AlreadyExistsError, PreconditionError):
                     await obstore.put_async(self.store, key, writer.path, mode="create")
             return StoredBlob(writer.sha256, writer.size, key)
+        except BaseError as exc:
+            # The bucket unreachable or refusing: the upload is answered 503, never 500.
+            raise BlobStoreError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             await asyncio.to_thread(writer.discard)
 
@@ -148,6 +157,14 @@ class S3BlobStore:
             stored.append(result)
         return stored
 
+    # --- keeping deletions off blobs whose rows are on their way (locks.py) ------------
+
+    def uploading(self, keys: Sequence[str]) -> AbstractAsyncContextManager[None]:
+        return self.locks.uploading(keys)
+
+    def removing(self, keys: Sequence[str]) -> AbstractAsyncContextManager[bool]:
+        return self.locks.removing(keys)
+
     # --- reading ------------------------------------------------------------------------
 
     async def _head(self, key: str) -> ObjectMeta | None:
@@ -161,6 +178,8 @@ class S3BlobStore:
             result = await obstore.get_async(self.store, validate_key(key))
         except FileNotFoundError:
             raise BlobNotFound(key) from None
+        except BaseError as exc:
+            raise BlobStoreError(f"{type(exc).__name__}: {exc}") from exc
         return _ObjectStream(result.stream(min_chunk_size=CHUNK), result.meta["size"])
 
     @asynccontextmanager
@@ -191,14 +210,18 @@ class S3BlobStore:
         host's. The storage layer must not rely on this alone to protect an upload reusing
         the object (see the report on issue 10).
         """
-        meta = await self._head(key)
-        if meta is None:
-            return False
-        if unless_committed_after_ns is not None and (
-            _ns(meta["last_modified"]) > unless_committed_after_ns
-        ):
-            return False
-        await obstore.delete_async(self.store, key)
+        try:
+            meta = await self._head(key)
+            if meta is None:
+                return False
+            if unless_committed_after_ns is not None and (
+                _ns(meta["last_modified"]) > unless_committed_after_ns
+            ):
+                return False
+            await obstore.delete_async(self.store, key)
+        except BaseError as exc:
+            # The rows are gone already: the caller logs this and the orphan sweep retries.
+            raise BlobStoreError(f"{type(exc).__name__}: {exc}") from exc
         return True
 
     async def delete_many(
@@ -212,7 +235,14 @@ class S3BlobStore:
     async def list_blobs(self) -> AsyncIterator[BlobInfo]:
         # Paged LIST requests (1000 keys each); keys that are not content addresses (someone
         # else's objects under the prefix) are left out, and so never deleted by a sweep.
-        async for batch in self.store.list("blobs"):
+        listing = self.store.list("blobs")
+        while True:
+            try:
+                batch = await anext(listing)
+            except StopAsyncIteration:
+                return
+            except BaseError as exc:
+                raise BlobStoreError(f"{type(exc).__name__}: {exc}") from exc
             for meta in batch:
                 try:
                     key = validate_key(meta["path"])
