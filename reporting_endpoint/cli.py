@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--report", metavar="ID", help="a report id, as export and the API show")
     which.add_argument("--crash", metavar="ID", help="a crash id (32 hex digits)")
 
+    from reporting_endpoint.copying import add_copy_parser
+
+    add_copy_parser(commands)
+
     header = commands.add_parser(
         "header", help="print the headers that make browsers report to the service"
     )
@@ -287,6 +291,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return int(command(args, stream))
         if args.command == "header":
             return _header(args, stream)
+        if args.command == "copy":
+            from reporting_endpoint.copying import copy_command
+
+            return copy_command(args, stream)
     except (SettingsError, FileNotFoundError) as exc:
         print(f"reporting-endpoint: {exc}", file=sys.stderr)
         return 2

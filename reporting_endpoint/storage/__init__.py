@@ -13,13 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 from reporting_endpoint.settings import Settings, SettingsError, sqlite_file
 from reporting_endpoint.storage.base import (
+    ROW_KINDS,
     Blob,
+    Counts,
     Deletion,
     GroupPage,
     NotOurDatabase,
     Page,
     PendingCrash,
     QueueFull,
+    RawRow,
+    RowKind,
     SeriesCount,
     Storage,
     StorageBusy,
@@ -27,6 +31,7 @@ from reporting_endpoint.storage.base import (
     StorageError,
     StorageFailure,
     StorageNotStarted,
+    TableCount,
     WriterDown,
     WriterHealth,
 )
@@ -36,7 +41,9 @@ if TYPE_CHECKING:
     from reporting_endpoint.storage.sqlite import SQLiteStorage
 
 __all__ = [
+    "ROW_KINDS",
     "Blob",
+    "Counts",
     "Deletion",
     "GroupPage",
     "NotOurDatabase",
@@ -44,6 +51,8 @@ __all__ = [
     "PendingCrash",
     "PostgresStorage",
     "QueueFull",
+    "RawRow",
+    "RowKind",
     "SQLiteStorage",
     "SeriesCount",
     "Storage",
@@ -52,6 +61,7 @@ __all__ = [
     "StorageError",
     "StorageFailure",
     "StorageNotStarted",
+    "TableCount",
     "WriterDown",
     "WriterHealth",
     "check_database",

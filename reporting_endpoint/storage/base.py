@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from reporting_endpoint.records import NewCrash, NewReport, RejectedReport
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
@@ -116,6 +116,42 @@ class SeriesCount:
     bucket: int
     key: tuple[str | None, ...]
     count: int
+
+
+# The tables ``copy`` moves whole, in the order it moves them.
+RowKind = Literal["reports", "crashes", "quarantine"]
+ROW_KINDS: tuple[RowKind, ...] = ("reports", "crashes", "quarantine")
+# One stored row as it is, every column, in ``rows.EXPORT_COLUMNS[kind]`` order (the id first,
+# the received time second): what ``export_batch`` answers and ``import_batch`` takes.
+RawRow = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TableCount:
+    """How many rows one table holds, and the newest received time among them (None when
+    empty): where a resumed ``copy`` picks up."""
+
+    rows: int
+    last_received_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Exact row counts of a database (a scan each: for ``copy``'s check, not for requests).
+
+    ``rollup_totals`` is the sum of the counters of each report roll-up table, finest first:
+    every one equals ``reports.rows`` when the counters are exact.
+    """
+
+    reports: TableCount
+    crashes: TableCount
+    quarantine: TableCount
+    rollup_totals: tuple[int, ...]
+
+    def of(self, kind: RowKind) -> TableCount:
+        return {"reports": self.reports, "crashes": self.crashes, "quarantine": self.quarantine}[
+            kind
+        ]
 
 
 class Storage(Protocol):
@@ -231,4 +267,32 @@ class Storage(Protocol):
         self, filters: Filters | None = None, *, page_size: int = 1000
     ) -> AsyncIterator[dict[str, Any]]:
         """Every matching crash, oldest first, in keyset pages."""
+        ...
+
+    # --- moving whole databases (``copy``) ------------------------------------------------
+
+    async def export_batch(
+        self,
+        kind: RowKind,
+        limit: int,
+        after: Position | None = None,
+        *,
+        since: int | None = None,
+    ) -> tuple[RawRow, ...]:
+        """Up to ``limit`` rows of ``kind`` as stored (every column, ``raw`` JSON text as it
+        is), oldest first in (received_at, id) order, ids compared as SQLite does (numbers;
+        text in byte order): those after ``after``, else those received at or after
+        ``since``, else from the first. A read: a read-only storage answers it."""
+        ...
+
+    async def import_batch(self, kind: RowKind, rows: Sequence[RawRow]) -> int:
+        """Commit ``rows`` (``export_batch``'s shape, from any backend) in one transaction,
+        keeping their ids; a row whose id is present already is skipped, so importing twice
+        adds nothing. Reports bump the roll-up counters in the same transaction, and id
+        sequences move past the ids taken, so later inserts never collide. Answers how many
+        rows were new."""
+        ...
+
+    async def counts(self) -> Counts:
+        """Rows per table and the roll-up sums (see ``Counts``). A read."""
         ...

@@ -27,6 +27,28 @@ CRASH_COLUMNS = (
     "main_module_version", "crash_module", "crash_offset", "signature",
 )  # fmt: skip
 QUARANTINE_COLUMNS = ("id", "received_at", "code", "field", "message", "type", "raw", "truncated")
+# Whole rows as ``export_batch`` answers them and ``import_batch`` takes them, per table: the
+# same order on every backend, so rows move between engines as they are.
+EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "reports": REPORT_COLUMNS,
+    "crashes": CRASH_COLUMNS,
+    "quarantine": QUARANTINE_COLUMNS,
+}
+
+
+def check_rows(kind: str, rows: Sequence[Sequence[object]]) -> None:
+    """Refuse, before any write, rows ``import_batch`` cannot take: an unknown table, a row
+    of the wrong width, or one without an id and a whole-number received time (the copy's
+    keyset key)."""
+    columns = EXPORT_COLUMNS.get(kind)
+    if columns is None:
+        raise ValueError(f"no such table: {kind!r}")
+    for row in rows:
+        if len(row) != len(columns):
+            raise ValueError(f"a {kind} row has {len(row)} values, not {len(columns)}")
+        if row[0] is None or isinstance(row[1], bool) or not isinstance(row[1], int):
+            raise ValueError(f"a {kind} row without an id or a received time: {row[:2]!r}")
+
 
 # Facts a parsed dump adds to its crash row.
 FACT_COLUMNS = (

@@ -5,9 +5,10 @@ UTC day so retention drops whole partitions.
 ``backend.py`` implements the storage protocol; ``writer.py`` is the group-commit writer it
 builds on (one dedicated connection, reconnecting by itself), ``connection.py`` opens that
 connection and tells a lost server from a bad statement; ``reads.py``, ``rollups.py``,
-``crashes.py`` and ``deletion.py`` hold the SQL; ``values.py`` cleans text PostgreSQL cannot
-hold; ``migrations/`` holds the numbered schema files and ``migrate.py`` applies them exactly
-once under an advisory lock, however many processes start together. Nothing outside
+``crashes.py``, ``deletion.py`` and ``transfer.py`` (whole rows out and in, for ``copy``)
+hold the SQL; ``values.py`` cleans text PostgreSQL cannot hold; ``migrations/`` holds the
+numbered schema files and ``migrate.py`` applies them exactly once under an advisory lock,
+however many processes start together. Nothing outside
 ``storage/postgres/`` imports asyncpg or writes PostgreSQL SQL.
 """
 

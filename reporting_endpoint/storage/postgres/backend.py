@@ -26,11 +26,14 @@ import asyncpg
 from reporting_endpoint.records import NewCrash
 from reporting_endpoint.storage.base import (
     Blob,
+    Counts,
     Deletion,
     GroupPage,
     NotOurDatabase,
     Page,
     PendingCrash,
+    RawRow,
+    RowKind,
     SeriesCount,
     StorageError,
     StorageFailure,
@@ -38,7 +41,7 @@ from reporting_endpoint.storage.base import (
     WriterHealth,
 )
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
-from reporting_endpoint.storage.postgres import crashes, deletion, reads
+from reporting_endpoint.storage.postgres import crashes, deletion, reads, transfer
 from reporting_endpoint.storage.postgres.connection import (
     DatabaseUnavailable,
     WriterLimits,
@@ -46,6 +49,7 @@ from reporting_endpoint.storage.postgres.connection import (
 )
 from reporting_endpoint.storage.postgres.migrate import MigrationError, apply_migrations
 from reporting_endpoint.storage.postgres.writer import PostgresWriter
+from reporting_endpoint.storage.rows import check_rows
 
 T = TypeVar("T")
 SCHEMES = ("postgresql", "postgres")
@@ -251,6 +255,17 @@ class PostgresStorage(PostgresWriter):
     async def referenced_blobs(self) -> frozenset[str]:
         return await self._read(reads.referenced_blobs)
 
+    async def import_batch(self, kind: RowKind, rows: Sequence[RawRow]) -> int:
+        check_rows(kind, rows)
+        if not rows:
+            return 0
+        if kind == "reports":
+            # The partitions first, in a transaction of their own (as the writer makes them
+            # for ingest): their advisory lock and ATTACH are not held through the COPY.
+            days = [int(row[1]) // transfer.DAY_MS for row in rows]
+            await self.run_job(partial(transfer.ensure_days, days=days))
+        return await self.run_job(partial(transfer.import_rows, kind=kind, rows=rows))
+
     # --- reads ----------------------------------------------------------------------------
 
     def _translate(self, exc: Exception) -> Exception:
@@ -318,6 +333,19 @@ class PostgresStorage(PostgresWriter):
 
     async def quarantine_counts(self) -> tuple[tuple[str, int], ...]:
         return await self._read(reads.quarantine_counts)
+
+    async def export_batch(
+        self,
+        kind: RowKind,
+        limit: int,
+        after: Position | None = None,
+        *,
+        since: int | None = None,
+    ) -> tuple[RawRow, ...]:
+        return await self._read(transfer.export_batch, kind, limit, after, since)
+
+    async def counts(self) -> Counts:
+        return await self._read(transfer.counts)
 
     async def _iterate(
         self, rows: Callable[[reads.PgPool], AsyncIterator[dict[str, Any]]]

@@ -148,6 +148,14 @@ async def write_reports(connection: asyncpg.Connection, rows: Sequence[tuple[obj
     if not rows:
         return
     await connection.copy_records_to_table("reports", records=rows, columns=REPORT_INSERT_COLUMNS)
+    await count_reports(connection, rows)
+
+
+async def count_reports(connection: asyncpg.Connection, rows: Sequence[Sequence[object]]) -> None:
+    """Bump the counters of rows (``NewReport.row()`` order) inserted in this transaction:
+    the one path every insert of reports takes, ingest and ``copy`` alike."""
+    if not rows:
+        return
     hourly = rollup(rows)
     for _table, statement, positions in _UPSERTS:
         deltas = project(hourly, positions)

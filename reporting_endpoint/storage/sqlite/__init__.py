@@ -1,8 +1,9 @@
 """The SQLite backend: one file in WAL mode, a group-commit writer, read-only readers.
 
 ``backend.py`` implements the storage protocol; ``writer.py`` is the group-commit writer it
-builds on; ``reads.py``, ``rollups.py``, ``crashes.py``, ``quarantine.py`` and ``deletion.py``
-hold the SQL; ``schema.py`` applies the numbered ``migrations/``.
+builds on; ``reads.py``, ``rollups.py``, ``crashes.py``, ``quarantine.py``, ``deletion.py`` and
+``transfer.py`` (whole rows out and in, for ``copy``) hold the SQL; ``schema.py`` applies the
+numbered ``migrations/``.
 """
 
 from reporting_endpoint.storage.sqlite.backend import SQLiteStorage, check_file, check_ours

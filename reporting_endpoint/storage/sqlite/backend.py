@@ -20,17 +20,21 @@ from reporting_endpoint.records import NewCrash
 from reporting_endpoint.settings import SettingsError
 from reporting_endpoint.storage.base import (
     Blob,
+    Counts,
     Deletion,
     GroupPage,
     NotOurDatabase,
     Page,
     PendingCrash,
+    RawRow,
+    RowKind,
     SeriesCount,
     StorageFailure,
     StorageNotStarted,
 )
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
-from reporting_endpoint.storage.sqlite import crashes, deletion, reads, rollups
+from reporting_endpoint.storage.rows import check_rows
+from reporting_endpoint.storage.sqlite import crashes, deletion, reads, rollups, transfer
 from reporting_endpoint.storage.sqlite.writer import SQLiteWriter
 
 T = TypeVar("T")
@@ -157,6 +161,12 @@ class SQLiteStorage(SQLiteWriter):
     async def referenced_blobs(self) -> frozenset[str]:
         return await self.run_job(deletion.referenced)
 
+    async def import_batch(self, kind: RowKind, rows: Sequence[RawRow]) -> int:
+        check_rows(kind, rows)
+        if not rows:
+            return 0
+        return await self.run_job(partial(transfer.import_rows, kind=kind, rows=rows))
+
     # --- reads ----------------------------------------------------------------------------
 
     async def _read(self, query: Callable[..., Awaitable[T]], *args: object) -> T:
@@ -207,6 +217,19 @@ class SQLiteStorage(SQLiteWriter):
 
     async def quarantine_counts(self) -> tuple[tuple[str, int], ...]:
         return await self._read(reads.quarantine_counts)
+
+    async def export_batch(
+        self,
+        kind: RowKind,
+        limit: int,
+        after: Position | None = None,
+        *,
+        since: int | None = None,
+    ) -> tuple[RawRow, ...]:
+        return await self._read(transfer.export_batch, kind, limit, after, since)
+
+    async def counts(self) -> Counts:
+        return await self._read(transfer.counts)
 
     async def iter_reports(
         self, filters: Filters | None = None, *, page_size: int = 1000

@@ -128,6 +128,12 @@ def rollup(rows: Sequence[tuple[object, ...]]) -> dict[tuple[object, ...], Delta
 def write_reports(connection: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
     """Insert the rows and bump their counters; the caller owns the transaction."""
     connection.executemany(INSERT_REPORT, rows)
+    count_reports(connection, rows)
+
+
+def count_reports(connection: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
+    """Bump the counters of rows (``NewReport.row()`` order) inserted in this transaction:
+    the one path every insert of reports takes, ingest and ``copy`` alike."""
     hourly = rollup(rows)
     connection.executemany(UPSERT_HOURLY, [(*key, *delta) for key, delta in hourly.items()])
     for upsert, positions in _HOURLY_COARSE:
