@@ -4,7 +4,8 @@
 once however many processes start together; partitions for today and the next days), hands
 it to the group-commit writer (``writer.py``), and opens a pool for reads (``reads.py``),
 whose sessions are read-only. Reports go in groups; crash rows, facts and deletions are jobs
-on the writer's connection between groups.
+on the writer's connection between groups. ``blob_locks`` hands the blob store shard locks
+every host on the database sees (advisory locks, ``bloblocks.py``).
 
 A driver error never leaves this package as itself: an unreachable server, a lost
 connection or a timeout is ``DatabaseUnavailable`` (a ``StorageError``: the API answers 503
@@ -42,6 +43,7 @@ from reporting_endpoint.storage.base import (
 )
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
 from reporting_endpoint.storage.postgres import crashes, deletion, reads, transfer
+from reporting_endpoint.storage.postgres.bloblocks import PostgresBlobLocks
 from reporting_endpoint.storage.postgres.connection import (
     DatabaseUnavailable,
     WriterLimits,
@@ -133,6 +135,7 @@ class PostgresStorage(PostgresWriter):
         self.pool_max_size = pool_max_size
         self.read_timeout = read_timeout
         self.pool: reads.PgPool | None = None
+        self._blob_locks: PostgresBlobLocks | None = None
 
     def __repr__(self) -> str:
         return f"PostgresStorage({display_url(self.url)!r})"
@@ -212,6 +215,20 @@ class PostgresStorage(PostgresWriter):
                     await asyncio.wait_for(pool.close(), self.limits.connect_timeout)
                 except (TimeoutError, Exception):
                     pool.terminate()
+            if self._blob_locks is not None:
+                await self._blob_locks.close()  # bounded; reopened by a later use
+
+    def blob_locks(self) -> PostgresBlobLocks:
+        """Blob shard locks every host on this database sees (``bloblocks.py``), for the
+        blob store (``blobstores.SharesBlobLocks``): without them a deletion on one host could
+        remove the blob of an upload in flight on another. One object per storage, so all of
+        its callers share one pool; nothing connects before the first lock is taken (the app
+        asks for them before ``start``)."""
+        if self._blob_locks is None:
+            self._blob_locks = PostgresBlobLocks(
+                self.url, connect_timeout=self.limits.connect_timeout
+            )
+        return self._blob_locks
 
     def health(self) -> WriterHealth:
         if self.read_only:
