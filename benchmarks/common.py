@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -33,9 +35,13 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
+def wait_for_port(
+    port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before listening")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -43,26 +49,153 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listening on {port} after {timeout}s")
 
 
+def wait_for_http(port: int, timeout: float = 60.0) -> None:
+    """Until an HTTP answer comes back: with several workers the parent listens before any
+    worker has started, and connections made meanwhile wait in the backlog."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if sock.recv(16).startswith(b"HTTP/1.1 "):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no HTTP answer on {port} after {timeout}s")
+
+
 @contextmanager
 def server(
-    command: list[str], port: int, env: dict[str, str] | None = None, kill: bool = False
+    command: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    kill: bool = False,
+    workers: int = 1,
+    cwd: Path = HERE,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process for the block. ``kill`` ends it with SIGKILL: nothing queued gets
-    drained after the load, so the durability check sees only what each 2xx promised."""
-    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=HERE)
+    """A server process (and its workers) for the block. ``kill`` ends them all with SIGKILL:
+    nothing queued gets drained after the load, so the durability check sees only what each
+    2xx promised."""
+    # A process group of its own: SIGKILL reaches the workers too (orphans would keep the port).
+    process = subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True
+    )
     try:
-        wait_for_port(port)
+        wait_for_port(port, process=process)
+        if workers > 1:
+            wait_for_http(port)
+            # The first answer came from one worker; the others start alongside it.
+            time.sleep(1.0)
         yield process
     finally:
-        process.send_signal(signal.SIGKILL if kill else signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):
+            if kill:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                # The parent stops its workers (each drains) and waits for them.
+                process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
-def bare_server(port: int) -> list[str]:
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: str) -> list[str]:
+    # The command name may hold spaces and parentheses: the fields start after the last ")".
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _processes() -> dict[int, tuple[int, int, float]]:
+    """pid -> (parent, process group, CPU seconds used) of every process still running."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = _stat_fields(entry.name)
+            except OSError:
+                continue  # gone meanwhile
+            # Fields 3 (ppid), 4 (pgrp), 13 and 14 (utime, stime) counted from "state" as 0.
+            cpu = (int(fields[11]) + int(fields[12])) / _TICKS
+            found[int(entry.name)] = (int(fields[1]), int(fields[2]), cpu)
+    return found
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / _TICKS, sum(values[:8]) / _TICKS
+
+
+@dataclass
+class CpuUse:
+    """CPU seconds spent during a run, by whom: the server under test (its process group),
+    the database server (its process tree), wrk, and everything else on the machine."""
+
+    seconds: float
+    cores: int
+    server: float
+    database: float
+    wrk: float
+    other: float
+
+    def __str__(self) -> str:
+        text = f"server {self.server:.1f} s"
+        if self.database:
+            text += f", database {self.database:.1f} s"
+        return (
+            f"{text}, wrk {self.wrk:.1f} s, everything else {self.other:.1f} s"
+            f" (of {self.seconds * self.cores:.1f} core-seconds)"
+        )
+
+
+class CpuMeter:
+    """Snapshots of CPU use before and after a run (Linux /proc only)."""
+
+    def __init__(self, server_group: int, database_root: int | None = None) -> None:
+        self.server_group = server_group
+        self.database_root = database_root
+
+    def snapshot(self) -> tuple[float, float, float, float, float, float]:
+        processes = _processes()
+        server = sum(cpu for _, group, cpu in processes.values() if group == self.server_group)
+        database = 0.0
+        if self.database_root is not None:
+            tree = {self.database_root}
+            # Parents come before children in pid order, except after pid wrap-around.
+            for pid in sorted(processes):
+                if processes[pid][0] in tree:
+                    tree.add(pid)
+            database = sum(processes[pid][2] for pid in tree if pid in processes)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy, total = _machine_cpu()
+        now = time.monotonic()
+        return now, server, database, children.ru_utime + children.ru_stime, busy, total
+
+    @staticmethod
+    def between(
+        before: tuple[float, float, float, float, float, float],
+        after: tuple[float, float, float, float, float, float],
+    ) -> CpuUse:
+        change = [a - b for a, b in zip(after, before, strict=True)]
+        seconds, server, database, wrk, busy, _ = change
+        return CpuUse(
+            seconds=seconds,
+            cores=os.cpu_count() or 1,
+            server=server,
+            database=database,
+            wrk=wrk,
+            other=max(0.0, busy - server - database - wrk),
+        )
+
+
+def bare_server(port: int, workers: int = 1) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -72,6 +205,8 @@ def bare_server(port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        "--workers",
+        str(workers),
         "--no-access-log",
         "--log-level",
         "warning",

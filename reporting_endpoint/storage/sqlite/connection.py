@@ -31,9 +31,11 @@ def create_private(path: Path) -> None:
 
 
 def configure(connection: sqlite3.Connection, synchronous: str = "FULL") -> None:
+    # The busy timeout first: switching a new file to WAL takes a lock that processes starting
+    # together contend for.
+    connection.execute("PRAGMA busy_timeout=5000")
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    connection.execute("PRAGMA busy_timeout=5000")
 
 
 def migrate(path: Path) -> int:

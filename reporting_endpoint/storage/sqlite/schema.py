@@ -25,16 +25,43 @@ def migrations() -> list[tuple[int, str]]:
     return found
 
 
+def _statements(script: str) -> list[str]:
+    """The statements of a migration, split where SQLite itself says one is complete."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                statements.append(buffer)
+            buffer = ""
+    if buffer.strip() and not buffer.strip().startswith("--"):
+        statements.append(buffer)
+    return statements
+
+
 def apply_migrations(connection: sqlite3.Connection) -> int:
-    """Bring the schema up to date in one transaction per migration; returns the version."""
-    current = connection.execute("PRAGMA user_version").fetchone()[0]
-    latest = current
+    """Bring the schema up to date in one transaction per migration; returns the version.
+
+    Several processes may start on one new file at once (two `serve` processes, the workers of
+    one): each migration takes the write lock first and reads the version again under it, so
+    it runs exactly once. Not ``executescript``: it commits before it runs, which would drop
+    the lock between the check and the statements. ``connection`` must be in autocommit mode.
+    """
+    latest = int(connection.execute("PRAGMA user_version").fetchone()[0])
     for number, sql in migrations():
-        if number <= current:
+        if number <= latest:
             continue
-        # executescript commits first; BEGIN/COMMIT make each migration all-or-nothing.
-        connection.executescript(
-            f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {number};\nCOMMIT;"
-        )
-        latest = number
-    return int(latest)
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            current = int(connection.execute("PRAGMA user_version").fetchone()[0])
+            if number > current:
+                for statement in _statements(sql):
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {number}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        latest = max(number, current)
+    return latest
