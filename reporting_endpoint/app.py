@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route
 
 from reporting_endpoint.analysis import DumpAnalyzer
-from reporting_endpoint.api import BearerTokenMiddleware, ReadApi
+from reporting_endpoint.api import BearerTokenMiddleware, api_routes
 from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
 from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
 from reporting_endpoint.errors import EXCEPTION_HANDLERS
@@ -70,8 +70,9 @@ def service_lifespan(
 
 
 def routes(settings: Settings, storage: Storage, analyzer: DumpAnalyzer) -> list[BaseRoute]:
-    reports = ReportsEndpoint(settings, default_validator(), storage)
-    crashpad = CrashpadEndpoint(settings, storage, analyzer.blobs, analyzer.submit)
+    # One rule set for reports and crashes, loaded with the analyzer's (create_app).
+    reports = ReportsEndpoint(settings, default_validator(), storage, analyzer.rules)
+    crashpad = CrashpadEndpoint(settings, storage, analyzer.blobs, analyzer.stored)
     health = HealthEndpoint(storage)
     ingest_middleware = [
         Middleware(
@@ -98,7 +99,7 @@ def routes(settings: Settings, storage: Storage, analyzer: DumpAnalyzer) -> list
         Route("/healthz", health.handle, methods=["GET"]),
         Mount(
             "/api",
-            routes=ReadApi(storage, analyzer.blobs).routes(),
+            routes=api_routes(storage, analyzer.blobs),
             middleware=[Middleware(BearerTokenMiddleware, token=settings.read_token)],
         ),
     ]
@@ -117,7 +118,10 @@ def create_app(
     blobs = open_blob_store(
         settings.blob_store or "", settings.data_dir, locks=blob_locks_of(storage)
     )
-    analyzer = DumpAnalyzer(storage, blobs)
+    # Read and checked now: a bad rules file stops the service before it takes a report
+    # (SettingsError naming the file, the rule and the problem).
+    rules = settings.fingerprint_rule_set()
+    analyzer = DumpAnalyzer(storage, blobs, rules)
     app = Starlette(
         routes=routes(settings, storage, analyzer),
         exception_handlers=EXCEPTION_HANDLERS,

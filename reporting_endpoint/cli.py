@@ -1,4 +1,5 @@
-"""Command line: serve, export, stats, prune, header: thin wrappers over the working modules."""
+"""Command line: serve, export, stats, prune, delete, copy, issues, regroup, header: thin
+wrappers over the working modules."""
 
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ SETTING_HELP: dict[str, str] = {
     "header_timeout": "seconds a client has to send a request's headers (default 10)",
     "body_timeout": "seconds to wait for the next chunk of a body before 408 (default 30)",
     "timeout_keep_alive": "seconds an idle keep-alive connection stays open (default 5)",
+    "fingerprint_rules": "TOML or JSON file of fingerprint rules, tried before the defaults;"
+    " checked at start (default: the defaults only)",
+    "release_source": "where a report's release is read: query:PARAM, body:FIELD or"
+    " header:NAME (default: no release)",
+    "duplicate_tolerance_ms": "a report equal to one received before and generated within"
+    " this many ms of it is a retry, counted once; 0 turns it off (default 500)",
+    "duplicate_window_minutes": "how long received reports are remembered to recognise"
+    " retries, in minutes of generation time (default 20)",
 }
 _CHOICES = {
     "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],
@@ -119,7 +128,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from reporting_endpoint.server import serve
 
-    serve(settings_from_args(args))
+    settings = settings_from_args(args)
+    # Read and checked here, before any worker starts: a bad rules file is one message naming
+    # the rule (a SettingsError, exit 2), not a failed start in every worker.
+    settings.fingerprint_rule_set()
+    serve(settings)
     return 0
 
 
@@ -231,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--crash", metavar="ID", help="a crash id (32 hex digits)")
 
     from reporting_endpoint.copying import add_copy_parser
+    from reporting_endpoint.issue_commands import add_parsers as add_issue_parsers
 
     add_copy_parser(commands)
+    add_issue_parsers(commands)
 
     header = commands.add_parser(
         "header", help="print the headers that make browsers report to the service"
@@ -288,6 +303,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             from reporting_endpoint import store_commands
 
             command = getattr(store_commands, STORE_COMMANDS[args.command])
+            return int(command(args, stream))
+        if args.command in ("issues", "regroup"):
+            from reporting_endpoint import issue_commands
+
+            command = getattr(issue_commands, args.command)
             return int(command(args, stream))
         if args.command == "header":
             return _header(args, stream)

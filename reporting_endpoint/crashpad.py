@@ -1,4 +1,8 @@
-"""Crashpad/Breakpad minidump uploads: de-gzip, stream the multipart form to blobs, commit, id."""
+"""Crashpad/Breakpad minidump uploads: de-gzip, stream the multipart form to blobs, commit, id.
+
+The crash gets its issue later, when the analyzer has parsed the dump (its signature is part
+of the fingerprint); its release is known at once and stored with the row.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from reporting_endpoint.blobstores import BlobStore, BlobStoreError, BlobWriter, StoredBlob
 from reporting_endpoint.blobstores.base import key_for
 from reporting_endpoint.errors import RequestRejected
+from reporting_endpoint.issues.releases import crash_release
 from reporting_endpoint.records import NewCrash
 from reporting_endpoint.settings import Settings
 from reporting_endpoint.storage.base import Storage, StorageError
@@ -182,7 +187,7 @@ class CrashpadEndpoint:
         settings: Settings,
         storage: Storage,
         blobs: BlobStore,
-        on_stored: Callable[[str, str], None] | None = None,
+        on_stored: Callable[[NewCrash], None] | None = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
@@ -206,7 +211,7 @@ class CrashpadEndpoint:
             return
         await send_text(send, 200, crash.id)  # no trailing newline: it becomes the id verbatim
         if self.on_stored is not None:
-            self.on_stored(crash.id, crash.dump_path)
+            self.on_stored(crash)
 
     async def ingest(self, scope: Scope, receive: Receive) -> NewCrash:
         headers = {k.lower(): v for k, v in scope["headers"]}
@@ -346,4 +351,7 @@ class CrashpadEndpoint:
             dump_path=dump_blob.key,
             attachments=attachments,
             upload_bytes=upload_bytes,
+            # The app's release (Electron's _version, else ver, else the upload's version),
+            # kept on the row for the issue's first and last release.
+            release=crash_release(fields, query),
         )

@@ -27,10 +27,15 @@ class NewReport:
     os: str | None
     reason: str | None
     raw: str
+    # Issue 11, appended with defaults so records built outside ingest still construct; an
+    # empty fingerprint means "no issue".
+    fingerprint: str = ""
+    issue_title: str = ""
+    release: str | None = None
 
     def row(self) -> tuple[object, ...]:
         """Column values in the order every backend writes them (dataclasses.astuple deep-copies:
-        20x slower)."""
+        20x slower). The issue columns come last, so the older positions never move."""
         return (
             self.received_at,
             self.generated_at,
@@ -45,7 +50,15 @@ class NewReport:
             self.os,
             self.reason,
             self.raw,
+            self.fingerprint,
+            self.issue_title,
+            self.release,
         )
+
+
+# How many values of ``NewReport.row()`` predate issues (what a backend without the issue
+# columns writes).
+REPORT_BASE_WIDTH = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +110,16 @@ class NewCrash:
     dump_path: str
     attachments: tuple[dict[str, Any], ...]
     upload_bytes: int
+    # Issue 11: the app's release (``_version`` / ``ver``), stored on the crash row at insert.
+    release: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssueKey:
+    """Which issue an event belongs to: its fingerprint, and what a new issue is created with
+    (the kind is the report type or ``native``; the title is for people)."""
+
+    fingerprint: str
+    kind: str
+    title: str
+    site: str | None

@@ -1,19 +1,34 @@
-"""W3C Reporting API ingest: parse, validate, normalise, commit, then answer 2xx."""
+"""W3C Reporting API ingest: parse, validate, normalise (with the report's fingerprint and
+release), skip retries of reports already stored, commit, then answer 2xx."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
 from reporting_endpoint.errors import RequestRejected, error_response
 from reporting_endpoint.grouping import parse_user_agent, strip_body_urls, url_parts
+from reporting_endpoint.issues.duplicates import (
+    DuplicateKey,
+    DuplicateWindow,
+    duplicate_key,
+    report_duplicate_key,
+)
+from reporting_endpoint.issues.fingerprint import report_fingerprint
+from reporting_endpoint.issues.releases import ReleaseSource, report_release
+from reporting_endpoint.issues.rules import RuleSet
 from reporting_endpoint.records import NewReport, RejectedReport
 from reporting_endpoint.settings import Settings
 from reporting_endpoint.storage.base import QueueFull, Storage, StorageError
 from reporting_endpoint.validation import Invalid, ReportValidator
+
+log = logging.getLogger("reporting_endpoint.reports")
 
 MEDIA_TYPES = frozenset({"application/reports+json", "application/json"})
 
@@ -52,23 +67,68 @@ def _privacy_stripped(report: dict[str, Any], keep_query: bool) -> dict[str, Any
     return copy
 
 
-def normalise(report: dict[str, Any], received_at: int, keep_query: bool) -> NewReport:
-    """A validated report as a storage record; the stored raw JSON carries the stored URLs.
+# No rules file: the default fingerprints only.
+DEFAULT_RULES = RuleSet()
+
+
+def normalise(
+    report: dict[str, Any],
+    received_at: int,
+    keep_query: bool,
+    *,
+    rules: RuleSet = DEFAULT_RULES,
+    release: ReleaseSource | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> NewReport:
+    """A validated report as a storage record: the stored raw JSON carries the stored URLs,
+    and the record its fingerprint, issue title and release (see `normalised`).
 
     Raises ``orjson.JSONEncodeError`` when the report is nested too deeply to serialise.
     """
+    return normalised(report, received_at, keep_query, rules, release, headers)[0]
+
+
+class Normalised(NamedTuple):
+    """A stored record, and what the ingest needs besides it for retry detection."""
+
+    record: NewReport
+    # The body as stored, and the raw JSON as bytes (before the decode into ``record.raw``).
+    body: dict[str, Any]
+    raw: bytes
+    # The URL as the browser sent it when storing changed it (its query dropped), else None.
+    sent_url: str | None = None
+
+
+def normalised(
+    report: dict[str, Any],
+    received_at: int,
+    keep_query: bool,
+    rules: RuleSet = DEFAULT_RULES,
+    release: ReleaseSource | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Normalised:
+    """`normalise`, with the stored body and raw bytes (the ingest hashes them for retry
+    detection).
+
+    The fingerprint is computed from the report as stored (stored URL, stripped body), so that
+    a later ``regroup``, which only sees stored rows, computes the same one. The release is
+    read from the report as the browser sent it: ``query:`` needs the query the stored URL
+    loses. ``headers`` are the upload's request headers (lower-case names), for ``header:``.
+    """
     url = report["url"]
+    sent_body = report["body"]
     parts = url_parts(url, keep_query)
-    body = strip_body_urls(report["body"], keep_query)
-    if parts.url != url or body is not report["body"]:
+    body = strip_body_urls(sent_body, keep_query)
+    if parts.url != url or body is not sent_body:
         report = {**report, "url": parts.url, "body": body}
     user_agent = report["user_agent"]
     agent = parse_user_agent(user_agent)
     kind = report["type"]
-    reason = report["body"].get("reason") if kind == "crash" else None
+    reason = body.get("reason") if kind == "crash" else None
     age = report["age"]
-    raw = orjson.dumps(report).decode()
-    return NewReport(
+    raw_bytes = orjson.dumps(report)
+    raw = raw_bytes.decode()
+    record = NewReport(
         received_at=received_at,
         # The schema bounds age, but a clock set far back could still put this before the
         # epoch, and no stored time may be one that reads cannot format.
@@ -85,6 +145,23 @@ def normalise(report: dict[str, Any], received_at: int, keep_query: bool) -> New
         reason=reason,
         raw=raw,
     )
+    # The fingerprint (and the rules) read the record itself, so its issue fields are filled
+    # in afterwards, on the instance nothing else holds yet: building a second frozen record
+    # (16 fields, each set through object.__setattr__) cost 3 us a report, a third of all
+    # the issue work on the hot path (measured).
+    try:
+        fingerprint = rules.report_fingerprint(record, body)
+    except Exception:
+        # A rule must never cost a report (the rules are checked at start, but they run on
+        # what browsers send): the default fingerprint, and the reason in the log.
+        log.exception("fingerprint rules failed on a %s report; using the default", kind)
+        fingerprint = report_fingerprint(record, body)
+    _set = object.__setattr__
+    _set(record, "fingerprint", fingerprint.hash)
+    _set(record, "issue_title", fingerprint.title)
+    if release is not None:
+        _set(record, "release", report_release(release, url=url, body=sent_body, headers=headers))
+    return Normalised(record, body, raw_bytes, url if parts.url != url else None)
 
 
 def _pruned(value: Any, depth: int) -> Any:
@@ -137,10 +214,30 @@ class ReportsEndpoint:
     and skipping the Request and Response objects is a large share of the per-request budget.
     """
 
-    def __init__(self, settings: Settings, validator: ReportValidator, storage: Storage) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        validator: ReportValidator,
+        storage: Storage,
+        rules: RuleSet = DEFAULT_RULES,
+    ) -> None:
         self.settings = settings
         self.validator = validator
         self.storage = storage
+        # Loaded once by the caller (create_app), so a bad rules file stops the service at
+        # start rather than failing uploads.
+        self.rules = rules
+        self.release = settings.release
+        # Per process (and per app): a retry that reaches another worker is stored again;
+        # README "Retries" explains why that is the trade-off taken.
+        self.duplicates = (
+            DuplicateWindow(
+                tolerance_ms=settings.duplicate_tolerance_ms,
+                horizon_ms=settings.duplicate_window_minutes * 60_000,
+            )
+            if settings.duplicate_tolerance_ms > 0
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -190,19 +287,39 @@ class ReportsEndpoint:
 
         received_at = time.time_ns() // 1_000_000
         keep_query = self.settings.keep_url_query
+        rules, release, window = self.rules, self.release, self.duplicates
+        horizon = received_at - window.horizon_ms if window is not None else 0
+        headers = _release_header(scope, release)
         accepted: list[NewReport] = []
         quarantine: list[RejectedReport] = []
         rejected: list[dict[str, Any]] = []
+        # Keys of the reports stored by this upload, remembered once they are committed.
+        keys: list[DuplicateKey] = []
+        retries = 0
         check = self.validator.check
         for index, report in enumerate(batch):
             problem = check(report)
             if problem is None:
                 try:
-                    accepted.append(normalise(report, received_at, keep_query))
-                    continue
+                    record, stored_body, raw, sent_url = normalised(
+                        report, received_at, keep_query, rules, release, headers
+                    )
                 except orjson.JSONEncodeError:
                     # orjson reads 1024 levels but writes 254: a valid report can be unstorable.
                     problem = TOO_DEEP
+                else:
+                    # A report made before the window's horizon is never held (adding one
+                    # would only make the window sort its buckets to drop it again at once).
+                    if window is not None and record.generated_at >= horizon:
+                        key = retry_key(record, stored_body, raw, sent_url)
+                        if window.seen(key):
+                            # A retry of a report already committed: the browser only needs
+                            # its 2xx again. Counted as accepted (README "Retries").
+                            retries += 1
+                            continue
+                        keys.append(key)
+                    accepted.append(record)
+                    continue
             quarantine.append(quarantined(report, problem, received_at, keep_query))
             rejected.append(
                 {
@@ -231,7 +348,55 @@ class ReportsEndpoint:
                 "the report store is not available; retry later",
                 {"Retry-After": RETRY_AFTER},
             ) from None
-        return {"accepted": len(accepted), "rejected": rejected}
+        if window is not None:
+            # Only now: a report whose commit failed must not make its retry look like a
+            # duplicate, or the browser's second delivery would be dropped too.
+            for key in keys:
+                window.add(key, received_at)
+        return {"accepted": len(accepted) + retries, "rejected": rejected}
+
+
+def retry_key(
+    record: NewReport, body: dict[str, Any], raw: bytes, sent_url: str | None = None
+) -> DuplicateKey:
+    """The retry key of a stored report: ``report_duplicate_key``'s test (same type, URL,
+    user agent and body), from the JSON already serialised.
+
+    ``raw`` without its ``"age":N`` member is exactly type, URL, user agent and body as
+    stored; hashing those bytes costs a fifth of serialising the body again with sorted keys
+    (1 us against 5 us a report, measured). A retry comes from the same browser, serialised
+    in the same member order, so it hashes the same. The first ``"age":N`` followed by ``,``
+    or ``}`` is taken: browsers put ``age`` first, and where a body member of that name and
+    value came first, the retry merely goes unrecognised (stored twice), never the reverse.
+    """
+    needle = b'"age":%d' % record.age
+    start = raw.find(needle)
+    while start >= 0:
+        end = start + len(needle)
+        if raw[end : end + 1] in (b",", b"}"):
+            hasher = hashlib.blake2b(raw[:start], digest_size=16)
+            hasher.update(raw[end:])
+            if sent_url is not None:
+                # After a NUL, which JSON text never holds raw: the boundary is unambiguous.
+                hasher.update(b"\x00")
+                hasher.update(sent_url.encode("utf-8", "surrogatepass"))
+            return DuplicateKey(hasher.digest(), record.generated_at)
+        start = raw.find(needle, end)
+    if sent_url is None:
+        return report_duplicate_key(record, body)
+    return duplicate_key(record.type, sent_url, record.user_agent, body, record.generated_at)
+
+
+def _release_header(scope: Scope, release: ReleaseSource | None) -> dict[str, str] | None:
+    """The one request header a ``header:`` release source reads (None for other sources:
+    no header is decoded on the common path)."""
+    if release is None or release.kind != "header":
+        return None
+    wanted = release.name.encode("latin-1", "replace")
+    for key, value in scope["headers"]:
+        if key == wanted:
+            return {release.name: bytes(value).decode("latin-1")}
+    return {}
 
 
 async def read_body(receive: Receive) -> bytes:

@@ -7,7 +7,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reporting_endpoint.issues.releases import ReleaseSource
+    from reporting_endpoint.issues.rules import RuleSet
 
 ENV_PREFIX = "REPORTING_ENDPOINT_"
 
@@ -77,6 +81,18 @@ class Settings:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     timeout_keep_alive: float = 5.0
+    # Issues (README "Issues"): a TOML or JSON file of fingerprint rules, tried before the
+    # default fingerprints; checked when the service starts (a bad file stops it).
+    fingerprint_rules: Path | None = None
+    # Where a W3C report's release is read: query:<param>, body:<field> or header:<name>.
+    release_source: str | None = None
+    # Retries: a report equal to one received before, generated within this many ms of it,
+    # is counted once (0 turns retry detection off). Small on purpose: two real crashes of
+    # one page a second apart must both count.
+    duplicate_tolerance_ms: int = 500
+    # How far back (in generation time) received reports are remembered for that test; a
+    # browser gives up on a report 15 minutes after it was made.
+    duplicate_window_minutes: int = 20
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -102,6 +118,19 @@ class Settings:
                 raise SettingsError(f"{name} must be positive")
         if self.retention_days is not None and self.retention_days < 1:
             raise SettingsError("retention_days must be 1 or more (or unset to keep everything)")
+        if self.duplicate_tolerance_ms < 0:
+            raise SettingsError("duplicate_tolerance_ms must not be negative (0 turns it off)")
+        if self.duplicate_window_minutes <= 0:
+            raise SettingsError("duplicate_window_minutes must be positive")
+        if self.release_source is not None:
+            # Parsed here (pure, cheap) so that a bad value stops the service at start, with
+            # the setting's name, wherever the settings come from.
+            from reporting_endpoint.issues.releases import ReleaseSource, ReleaseSourceError
+
+            try:
+                ReleaseSource.parse(self.release_source)
+            except ReleaseSourceError as exc:
+                raise SettingsError(f"release_source: {exc}") from None
         if self.cors_max_age < 0:
             raise SettingsError("cors_max_age must not be negative")
         if self.sqlite_synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
@@ -130,6 +159,28 @@ class Settings:
         if path is None:
             return SERVER_DATA_DIR
         return path.with_name(path.name + ".data")
+
+    @property
+    def release(self) -> ReleaseSource | None:
+        """``release_source`` parsed (checked in ``__post_init__``), None when unset."""
+        from reporting_endpoint.issues.releases import ReleaseSource
+
+        return None if self.release_source is None else ReleaseSource.parse(self.release_source)
+
+    def fingerprint_rule_set(self) -> RuleSet:
+        """The fingerprint rules file read and checked: empty rules when none is set.
+
+        Raises ``SettingsError`` naming the file, the rule and the problem; called once when
+        the service starts (it reads a file, so not in ``__post_init__``).
+        """
+        from reporting_endpoint.issues.rules import RulesError, RuleSet
+
+        if self.fingerprint_rules is None:
+            return RuleSet()
+        try:
+            return RuleSet.load(self.fingerprint_rules)
+        except RulesError as exc:
+            raise SettingsError(f"fingerprint_rules: {exc}") from None
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -1,4 +1,5 @@
-"""The commands that read or change the store: ``export``, ``stats``, ``prune``, ``delete``.
+"""The commands that read or change the store: ``export``, ``stats``, ``prune``, ``delete``
+(and, sharing the helpers here, ``issues`` and ``regroup`` in ``issue_commands``).
 
 Each opens the store the way the service does (``storage.open_storage``), through the same
 protocol: ``export`` and ``stats`` read-only, ``prune`` and ``delete`` only on an existing
@@ -40,11 +41,11 @@ def command_settings(args: argparse.Namespace) -> Settings:
     return db_flag_wins(settings, db, database)
 
 
-def _run(work: Coroutine[Any, Any, T]) -> T:
+def run_command(work: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(work)
 
 
-async def _opened(
+async def opened(
     settings: Settings, *, read_only: bool = False, must_exist: bool = False
 ) -> Storage:
     """The store the command names, started; a wrong one is refused before anything writes."""
@@ -146,7 +147,7 @@ CRASH_CSV_COLUMNS = (
 def export(args: argparse.Namespace, out: TextIO) -> int:
     settings = command_settings(args)
     filters = _filters(args)
-    _run(_export_rows(settings, args, filters, out))
+    run_command(_export_rows(settings, args, filters, out))
     return 0
 
 
@@ -155,7 +156,7 @@ async def _export_rows(
 ) -> None:
     import orjson
 
-    storage = await _opened(settings, read_only=True)
+    storage = await opened(settings, read_only=True)
     try:
         rows = (
             storage.iter_crashes(filters)
@@ -188,7 +189,7 @@ def stats(args: argparse.Namespace, out: TextIO) -> int:
     filters = _filters(args)
 
     async def read() -> tuple[list[dict[str, Any]], tuple[tuple[str, int], ...]]:
-        storage = await _opened(settings, read_only=True)
+        storage = await opened(settings, read_only=True)
         try:
             found = await storage.groups(args.source, by, filters, limit)
             # Refused reports are not in the groups; show that they exist (reports only).
@@ -197,7 +198,7 @@ def stats(args: argparse.Namespace, out: TextIO) -> int:
             await storage.stop()
         return list(found.groups), refused
 
-    groups, refused = _run(read())
+    groups, refused = run_command(read())
     if args.json:
         data: dict[str, Any] = {"source": args.source, "by": list(by), "groups": groups}
         if args.source == "reports":
@@ -209,18 +210,18 @@ def stats(args: argparse.Namespace, out: TextIO) -> int:
         [terminal_safe(str(g[name])) if g[name] is not None else "-" for name in header]
         for g in groups
     ]
-    _write_table(out, header, table)
+    write_table(out, header, table)
     if not groups:
         out.write(f"(no {args.source} match)\n")
     if refused:
         out.write(
             f"\nrefused reports (all time, kept in quarantine): {sum(n for _, n in refused)}\n"
         )
-        _write_table(out, ["code", "count"], [[terminal_safe(c), str(n)] for c, n in refused])
+        write_table(out, ["code", "count"], [[terminal_safe(c), str(n)] for c, n in refused])
     return 0
 
 
-def _write_table(out: TextIO, header: list[str], table: list[list[str]]) -> None:
+def write_table(out: TextIO, header: list[str], table: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
@@ -237,7 +238,7 @@ def prune(args: argparse.Namespace, out: TextIO) -> int:
     async def prune() -> Deletion:
         # must_exist: a wrong --db is refused (read-only) before the writer touches it. A second
         # writer beside a running service is safe: the database serialises the transactions.
-        storage = await _opened(settings, must_exist=True)
+        storage = await opened(settings, must_exist=True)
         try:
             # prune also collects dump files an interrupted deletion left without a row.
             async with _blob_store(settings, storage) as blobs:
@@ -245,7 +246,7 @@ def prune(args: argparse.Namespace, out: TextIO) -> int:
         finally:
             await storage.stop()
 
-    gone = _run(prune())
+    gone = run_command(prune())
     out.write(
         f"deleted {gone.reports} report(s) and {gone.crashes} crash(es) received before"
         f" {args.older_than}; {gone.files_removed} dump file(s) removed\n"
@@ -275,7 +276,7 @@ def delete_one(args: argparse.Namespace, out: TextIO) -> int:
     from reporting_endpoint.storage.base import Deletion
 
     async def delete() -> Deletion:
-        storage = await _opened(settings, must_exist=True)
+        storage = await opened(settings, must_exist=True)
         try:
             if report_id is not None:
                 return Deletion(reports=int(await storage.delete_report(report_id)))
@@ -284,7 +285,7 @@ def delete_one(args: argparse.Namespace, out: TextIO) -> int:
         finally:
             await storage.stop()
 
-    gone = _run(delete())
+    gone = run_command(delete())
     if not (gone.reports or gone.crashes):
         print(f"reporting-endpoint delete: no {what} in {settings.database_url}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from reporting_endpoint.records import NewCrash, NewReport, RejectedReport
+from reporting_endpoint.records import REPORT_BASE_WIDTH, NewCrash, NewReport, RejectedReport
 from reporting_endpoint.storage.filters import HOUR_MS, REPORT_DIMENSIONS
 from reporting_endpoint.storage.rows import FACT_COLUMNS, U64_FACTS, u64_to_db
 
@@ -88,7 +88,8 @@ async def insert_reports(connection: Any, reports: Sequence[NewReport]) -> None:
         await connection.executemany(
             f"INSERT INTO reports ({', '.join(INSERT_COLUMNS)})"
             f" VALUES ({', '.join(f'${i}' for i in range(1, 14))})",
-            [report.row() for report in reports],
+            # The columns that predate issues: these rows belong to no issue.
+            [report.row()[:REPORT_BASE_WIDTH] for report in reports],
         )
         for table, (hourly, keys) in ROLLUPS.items():
             await connection.executemany(

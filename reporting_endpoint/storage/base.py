@@ -6,11 +6,12 @@ under ``storage/``) owns its SQL, its driver and its migrations; callers only se
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from reporting_endpoint.records import NewCrash, NewReport, RejectedReport
+from reporting_endpoint.issues.triage import StatusChange
+from reporting_endpoint.records import IssueKey, NewCrash, NewReport, RejectedReport
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
 
 
@@ -118,6 +119,39 @@ class SeriesCount:
     count: int
 
 
+# How ``issues_page`` orders issues: all-time count, last or first seen (newest first), or
+# ``trend``: the growth of the window's count over the window before it.
+IssueSort = Literal["count", "last_seen", "first_seen", "trend"]
+ISSUE_SORTS: tuple[IssueSort, ...] = ("count", "last_seen", "first_seen", "trend")
+# The window ``issues_page`` and ``get_issue`` count in when no ``since`` is given.
+DEFAULT_ISSUE_WINDOW_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class IssueFilters:
+    """Which issues ``issues_page`` lists, and the window it counts in (ms since the epoch;
+    ``since`` None: the last 24 hours; ``until`` None: now). ``release``, ``browser`` and
+    ``os`` keep the issues that have that value in their breakdown."""
+
+    status: str | None = None
+    kind: str | None = None
+    site: str | None = None
+    release: str | None = None
+    browser: str | None = None
+    os: str | None = None
+    since: int | None = None
+    until: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuePage:
+    """One keyset page of issues as JSON-ready dicts; ``next`` is an opaque cursor (the
+    backend encodes the sort value and the id), None on the last page."""
+
+    items: tuple[dict[str, Any], ...]
+    next: str | None
+
+
 # The tables ``copy`` moves whole, in the order it moves them.
 RowKind = Literal["reports", "crashes", "quarantine"]
 ROW_KINDS: tuple[RowKind, ...] = ("reports", "crashes", "quarantine")
@@ -183,9 +217,12 @@ class Storage(Protocol):
         """Commit the row of an upload whose files are already durable."""
         ...
 
-    async def record_crash_facts(self, crash_id: str, facts: Mapping[str, Any]) -> None:
+    async def record_crash_facts(
+        self, crash_id: str, facts: Mapping[str, Any], issue: IssueKey | None = None
+    ) -> None:
         """Mark the crash parsed with its facts (a fact that cannot be stored marks it failed:
-        either way it leaves ``pending``)."""
+        either way it leaves ``pending``) and, with ``issue``, count it in that issue in the
+        same transaction (None: the crash belongs to no issue)."""
         ...
 
     async def record_crash_failure(self, crash_id: str, error: str) -> None: ...
@@ -267,6 +304,46 @@ class Storage(Protocol):
         self, filters: Filters | None = None, *, page_size: int = 1000
     ) -> AsyncIterator[dict[str, Any]]:
         """Every matching crash, oldest first, in keyset pages."""
+        ...
+
+    # --- issues (issue 11) -------------------------------------------------------------
+
+    async def issues_page(
+        self, filters: IssueFilters, sort: IssueSort, limit: int, after: str | None = None
+    ) -> IssuePage:
+        """Issues with their counts in the window and the window before, an hourly series
+        and their top browsers and OSes; issues without an event in the window are left out
+        unless ``filters.status`` is given. ``after`` is a ``next`` cursor of the same query."""
+        ...
+
+    async def get_issue(
+        self, issue_id: int, since: int | None = None, until: int | None = None
+    ) -> dict[str, Any] | None:
+        """One issue as ``issues_page`` shows it, with its breakdowns (top 20 per dimension)
+        and its status history, oldest first; None when there is no such issue."""
+        ...
+
+    async def issue_events(self, issue_id: int, limit: int, after: Position | None = None) -> Page:
+        """The issue's reports (or crashes, for a ``native`` issue), newest first, as
+        ``reports_page`` / ``crash_page`` show them."""
+        ...
+
+    async def set_issue_status(
+        self, issue_id: int, change: StatusChange, now_ms: int
+    ) -> dict[str, Any] | None:
+        """Apply a person's triage decision and record it in the history, in one transaction;
+        answers the issue as ``get_issue`` does, None when there is no such issue."""
+        ...
+
+    async def regroup(
+        self,
+        report_key: Callable[[Mapping[str, Any]], IssueKey],
+        crash_key: Callable[[Mapping[str, Any]], IssueKey | None],
+    ) -> int:
+        """Recompute the issue of every stored report and parsed crash (the functions take
+        the dict ``get_report`` / ``get_crash`` answers, ``raw`` included), rebuild the
+        issue counters, keep the status and history of issues whose fingerprint survives,
+        delete issues left without events; answers how many events changed issue."""
         ...
 
     # --- moving whole databases (``copy``) ------------------------------------------------

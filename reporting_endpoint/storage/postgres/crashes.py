@@ -13,7 +13,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from reporting_endpoint.records import NewCrash
+from reporting_endpoint.records import IssueKey, NewCrash
+from reporting_endpoint.storage.postgres import issue_writes
 from reporting_endpoint.storage.postgres.values import clean_text
 from reporting_endpoint.storage.rows import FACT_COLUMNS, U64_FACTS, u64_to_db
 
@@ -33,12 +34,13 @@ async def insert_crash(connection: asyncpg.Connection, crash: NewCrash) -> None:
     await connection.execute(
         "INSERT INTO crashes (id, received_at, product, version, guid, platform, process_type,"
         " electron_version, annotations, query, dump_sha256, dump_size, dump_path, attachments,"
-        " upload_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        " upload_bytes, release) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+        " $13, $14, $15, $16)",
         crash.id, crash.received_at, _text(crash.product), _text(crash.version),
         _text(crash.guid), _text(crash.platform), _text(crash.process_type),
         _text(crash.electron_version), _json(crash.annotations), _json(crash.query),
         crash.dump_sha256, crash.dump_size, _text(crash.dump_path),
-        _json(list(crash.attachments)), crash.upload_bytes,
+        _json(list(crash.attachments)), crash.upload_bytes, _text(crash.release),
     )  # fmt: skip
 
 
@@ -63,14 +65,34 @@ def fact_value(name: str, value: Any) -> object:
 
 
 async def record_facts(
-    connection: asyncpg.Connection, crash_id: str, facts: Mapping[str, Any]
+    connection: asyncpg.Connection,
+    crash_id: str,
+    facts: Mapping[str, Any],
+    issue: IssueKey | None = None,
+    now_ms: int = 0,
 ) -> None:
     """Mark the crash parsed with its facts; if they still cannot be written, mark it failed.
 
     Either way the row leaves ``pending``: a result that cannot be stored must not leave the
     crash to be parsed again, and fail again, at every start. The first attempt runs under a
-    savepoint, so its failure does not abort the transaction the fallback runs in.
+    savepoint, so its failure does not abort the transaction the fallback runs in. With
+    ``issue`` the crash is counted in that issue in the same transaction (as in SQLite, a
+    crash parsed again leaves the issue it was counted in first, so it never counts twice).
+
+    The crash row is locked first, then the issues: the order every transaction takes
+    (``issue_writes``), so a parse never deadlocks with a prune or another host's parse.
     """
+    event = await connection.fetchrow(
+        "SELECT issue_id, received_at, os, release FROM crashes WHERE id = $1 FOR UPDATE",
+        crash_id,
+    )
+    if event is not None and event[0] is not None:
+        await connection.execute(
+            "UPDATE crashes SET issue_id = NULL, fingerprint = NULL WHERE id = $1", crash_id
+        )
+        await issue_writes.forget(
+            connection, issue_writes.tally_crash_rows([tuple(event)]), "crashes"
+        )
     assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(FACT_COLUMNS, 1))
     values = [fact_value(name, facts.get(name)) for name in FACT_COLUMNS]
     await connection.execute("SAVEPOINT facts")
@@ -94,6 +116,28 @@ async def record_facts(
         )
     else:
         await connection.execute("RELEASE SAVEPOINT facts")
+    if issue is not None and issue.fingerprint and event is not None:
+        await _assign_issue(connection, crash_id, issue_writes.key_text(issue), now_ms)
+
+
+async def _assign_issue(
+    connection: asyncpg.Connection, crash_id: str, issue: IssueKey, now_ms: int
+) -> None:
+    """Count the (stored, parsed, locked) crash in ``issue``, creating it when new."""
+    event = await connection.fetchrow(
+        "SELECT received_at, os, release FROM crashes WHERE id = $1", crash_id
+    )
+    if event is None:
+        return
+    tally = issue_writes.Tally(issue)
+    tally.add(int(event[0]), event[2], issue_writes.crash_dims(event[1], event[2]))
+    ids = await issue_writes.add(connection, {issue.fingerprint: tally}, now_ms)
+    await connection.execute(
+        "UPDATE crashes SET fingerprint = $1, issue_id = $2 WHERE id = $3",
+        issue.fingerprint,
+        ids[issue.fingerprint],
+        crash_id,
+    )
 
 
 async def record_failure(connection: asyncpg.Connection, crash_id: str, error: str) -> None:

@@ -12,6 +12,12 @@ wait), after ``reports`` and in the writers' own table order (``rollups.LOCK_ORD
 two transactions ever wait for each other in a cycle. Lock waits are bounded by the
 connection's lock_timeout.
 
+Issues stay exact too (``issue_writes``): what the deleted rows took part in is tallied from
+the rows themselves (``RETURNING`` of a row delete; a read before the partitions of whole days
+are dropped, since a DROP says nothing of its rows) and subtracted, then each issue touched
+takes its first/last seen and releases again, and one left without events goes. The issue
+tables come after ``reports``, the roll-ups and ``crashes``, the order every writer takes.
+
 Like the SQLite backend, deletions answer the blobs no remaining crash row references; the
 caller removes those files after the commit.
 """
@@ -28,6 +34,7 @@ import orjson
 
 from reporting_endpoint.storage.base import Blob, Deletion
 from reporting_endpoint.storage.filters import HOUR_MS
+from reporting_endpoint.storage.postgres import issue_writes
 from reporting_endpoint.storage.postgres.rollups import (
     HOURLY_TABLES,
     KEYS,
@@ -62,13 +69,16 @@ async def delete_report(connection: asyncpg.Connection, report_id: int) -> bool:
     table only when the report sat at an edge.
     """
     found = await connection.fetchrow(
-        f"DELETE FROM reports WHERE id = $1 RETURNING received_at, {_KEY_EXPRESSIONS}", report_id
+        f"DELETE FROM reports WHERE id = $1 RETURNING received_at, {_KEY_EXPRESSIONS},"
+        f" {_REPORT_EVENT}",
+        report_id,
     )
     if found is None:
         return False
     await connection.execute(_LOCK_ROLLUPS)
     received_at = int(found[0])
-    key = dict(zip(KEYS, found[1:], strict=True))
+    key = dict(zip(KEYS, found[1 : 1 + len(KEYS)], strict=True))
+    event = found[1 + len(KEYS) :]
     hour = received_at // HOUR_MS
     match = " AND ".join(
         f"coalesce({name}, '') = {p}"
@@ -88,7 +98,24 @@ async def delete_report(connection: asyncpg.Connection, report_id: int) -> bool:
             await _take_one(connection, table, {"hour": hour} | _pick(key, keys), received_at)
     for table, keys in TOTAL_TABLES.items():
         await _take_one(connection, table, _pick(key, keys), received_at)
+    await issue_writes.forget(connection, _report_tally([event]), "reports")
     return True
+
+
+# What a deleted report takes from its issue (``issue_writes.report_dims``' arguments).
+_REPORT_EVENT = "issue_id, received_at, type, url, browser, browser_major, os, raw, release"
+
+
+def _report_tally(events: Iterable[Sequence[Any]]) -> dict[int, issue_writes.Tally]:
+    """Rows of ``_REPORT_EVENT`` per issue id (rows without an issue left out)."""
+    tallies: dict[int, issue_writes.Tally] = {}
+    for issue_id, received_at, kind, url, browser, major, os, raw, release in events:
+        if issue_id is None:
+            continue
+        tally = tallies.setdefault(issue_id, issue_writes.Tally(None))
+        dims = issue_writes.report_dims(kind, url, browser, major, os, raw, release)
+        tally.add(int(received_at), release, dims)
+    return tallies
 
 
 def _pick(key: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -143,8 +170,19 @@ async def _take_one(
 
 
 async def prune_reports(connection: asyncpg.Connection, older_than_ms: int) -> int:
-    """Delete reports received before ``older_than_ms`` and keep the counters exact; returns
-    how many went. Whole days go as partitions; the rest is one range delete."""
+    """Delete reports received before ``older_than_ms`` and keep the counters (roll-ups and
+    issues) exact; returns how many went. Whole days go as partitions; the rest is one range
+    delete."""
+    deleted, tallies = await _prune_reports(connection, older_than_ms)
+    await issue_writes.forget(connection, tallies, "reports")
+    return deleted
+
+
+async def _prune_reports(
+    connection: asyncpg.Connection, older_than_ms: int
+) -> tuple[int, dict[int, issue_writes.Tally]]:
+    """``prune_reports`` up to the issues: how many reports went, and what they take from
+    their issues (for the caller to subtract once every table before the issues is done)."""
     # Nothing before the cut (a young database, or a prune that just ran elsewhere), not
     # even an empty day to drop: the roll-ups are exact already, so no lock is taken and
     # ingest does not wait at all.
@@ -153,11 +191,14 @@ async def prune_reports(connection: asyncpg.Connection, older_than_ms: int) -> i
         " OR EXISTS (SELECT FROM report_partitions() WHERE to_ms <= $1)",
         older_than_ms,
     ):
-        return 0
+        return 0, {}
     # Writers first wait here (they take ROW EXCLUSIVE on reports before the roll-ups), then
     # the roll-ups: the writers' own order. Reads go on until a partition is dropped.
     await connection.execute("LOCK TABLE reports IN SHARE ROW EXCLUSIVE MODE")
     await connection.execute(_LOCK_ROLLUPS)
+    # What every report about to go (whole partitions included: a DROP says nothing of its
+    # rows) takes from its issue, tallied before they go.
+    tallies = await issue_writes.tally_stored_reports(connection, "received_at < $1", older_than_ms)
     dropped = await connection.fetchval("SELECT drop_report_partitions($1)", older_than_ms)
     status = await connection.execute("DELETE FROM reports WHERE received_at < $1", older_than_ms)
     deleted = int(status.split()[-1])
@@ -192,7 +233,7 @@ async def prune_reports(connection: asyncpg.Connection, older_than_ms: int) -> i
             f" SELECT {columns}, sum(count), min(first_seen), max(last_seen)"
             f" FROM report_groups_hourly GROUP BY {columns}"
         )
-    return int(dropped or 0) + deleted
+    return int(dropped or 0) + deleted, tallies
 
 
 # --- crashes ------------------------------------------------------------------------------
@@ -201,7 +242,7 @@ async def prune_reports(connection: asyncpg.Connection, older_than_ms: int) -> i
 def _blobs_of(rows: Iterable[asyncpg.Record]) -> dict[str, str]:
     """sha256 -> path of every file the given (dump_sha256, dump_path, attachments) rows use."""
     files: dict[str, str] = {}
-    for sha256, path, attachments in (tuple(row) for row in rows):
+    for sha256, path, attachments in (tuple(row)[:3] for row in rows):
         files[sha256] = path
         files.update((sha, p) for sha, p in _attachment_blobs(attachments) if sha not in files)
     return files
@@ -252,24 +293,47 @@ async def unreferenced(connection: asyncpg.Connection, blobs: Sequence[Blob]) ->
 async def delete_crash(connection: asyncpg.Connection, crash_id: str) -> Deletion:
     """Delete one crash row; ``crashes`` is 0 when there was none."""
     rows = await connection.fetch(
-        "DELETE FROM crashes WHERE id = $1 RETURNING dump_sha256, dump_path, attachments",
-        crash_id,
+        f"DELETE FROM crashes WHERE id = $1 RETURNING {_CRASH_DELETED}", crash_id
     )
     if not rows:
         return Deletion()
+    await issue_writes.forget(connection, _crash_tally(rows), "crashes")
     return Deletion(crashes=len(rows), blobs=await _unreferenced(connection, _blobs_of(rows)))
+
+
+# A deleted crash row: its files, then what it takes from its issue.
+_CRASH_DELETED = "dump_sha256, dump_path, attachments, issue_id, received_at, os, release"
+
+
+def _crash_tally(rows: Iterable[asyncpg.Record]) -> dict[int, issue_writes.Tally]:
+    return issue_writes.tally_crash_rows(tuple(row)[3:] for row in rows)
 
 
 async def prune_crashes(connection: asyncpg.Connection, older_than_ms: int) -> Deletion:
-    """Delete crashes received before ``older_than_ms``."""
+    """Delete crashes received before ``older_than_ms`` (their issues kept exact)."""
+    deletion, tallies = await _prune_crashes(connection, older_than_ms)
+    await issue_writes.forget(connection, tallies, "crashes")
+    return deletion
+
+
+async def _prune_crashes(
+    connection: asyncpg.Connection, older_than_ms: int
+) -> tuple[Deletion, dict[int, issue_writes.Tally]]:
     rows = await connection.fetch(
-        "DELETE FROM crashes WHERE received_at < $1 RETURNING dump_sha256, dump_path, attachments",
-        older_than_ms,
+        f"DELETE FROM crashes WHERE received_at < $1 RETURNING {_CRASH_DELETED}", older_than_ms
     )
-    return Deletion(crashes=len(rows), blobs=await _unreferenced(connection, _blobs_of(rows)))
+    blobs = await _unreferenced(connection, _blobs_of(rows))
+    return Deletion(crashes=len(rows), blobs=blobs), _crash_tally(rows)
 
 
 async def prune_everything(connection: asyncpg.Connection, older_than_ms: int) -> Deletion:
-    """Reports (counters kept exact) and crashes received before ``older_than_ms``."""
-    reports = await prune_reports(connection, older_than_ms)
-    return replace(await prune_crashes(connection, older_than_ms), reports=reports)
+    """Reports (counters kept exact) and crashes received before ``older_than_ms``.
+
+    The issues come last, after both tables: a parse elsewhere locks its crash row and then
+    its issue, so taking an issue before a crash row here could close a cycle with it.
+    """
+    reports, report_tallies = await _prune_reports(connection, older_than_ms)
+    deletion, crash_tallies = await _prune_crashes(connection, older_than_ms)
+    await issue_writes.forget(connection, report_tallies, "reports")
+    await issue_writes.forget(connection, crash_tallies, "crashes")
+    return replace(deletion, reports=reports)

@@ -1,11 +1,13 @@
-"""Writes reports with their roll-up counters in PostgreSQL; the caller owns the transaction.
+"""Writes reports with their roll-up and issue counters in PostgreSQL; the caller owns the
+transaction.
 
-The same four roll-up tables and keys as the SQLite backend (``''`` for a missing key). Rows
-go in with COPY (one round trip whatever the group's size); each roll-up table then gets one
-``INSERT ... SELECT FROM unnest(...) ON CONFLICT (<its primary key>) DO UPDATE`` with the
-group's deltas. Several ingest processes commit in parallel here, so every writer touches the
-tables in one fixed order and the keys of each table in one sorted order: two transactions
-that share groups then wait for each other instead of deadlocking.
+The same four roll-up tables and keys as the SQLite backend (``''`` for a missing key). Each
+roll-up table gets one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT (<its primary key>) DO
+UPDATE`` with the group's deltas, the issues theirs (``issue_writes``), and the rows go in last
+with COPY (one round trip whatever the group's size), carrying their issue ids. Several ingest
+processes commit in parallel here, so every writer touches the tables in one fixed order and
+the keys of each table in one sorted order: two transactions that share groups then wait for
+each other instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from reporting_endpoint.records import REPORT_BASE_WIDTH
 from reporting_endpoint.storage.filters import HOUR_MS, REPORT_DIMENSIONS
+from reporting_endpoint.storage.postgres import issue_writes
 
-# Column order of NewReport.row(), the order COPY sends.
+# The columns COPY sends: NewReport.row()'s first REPORT_BASE_WIDTH values, then the issue
+# columns (the title belongs to the issue, not to the report row).
 REPORT_INSERT_COLUMNS = (
     "received_at", "generated_at", "age", "type", "url", "origin", "site", "user_agent",
-    "browser", "browser_major", "os", "reason", "raw",
+    "browser", "browser_major", "os", "reason", "raw", "fingerprint", "release", "issue_id",
 )  # fmt: skip
+_FINGERPRINT, _RELEASE = REPORT_BASE_WIDTH, REPORT_BASE_WIDTH + 2
 
 KEYS = REPORT_DIMENSIONS
 # Positions of those keys in a NewReport.row() tuple.
@@ -41,7 +47,8 @@ HOURLY_TABLES: dict[str, tuple[str, ...]] = {
     "report_groups_hourly_kind": ("type", "reason", "browser"),
 }
 # The order every transaction that writes roll-ups takes their locks in (writers, prune,
-# deletion): one order everywhere, so they never wait for each other in a cycle.
+# deletion): one order everywhere, so they never wait for each other in a cycle. The whole
+# order is: reports, these, crashes, then issue_writes.ISSUE_LOCK_ORDER.
 LOCK_ORDER = (
     "report_groups_hourly",
     "report_groups_hourly_kind",
@@ -142,13 +149,29 @@ def _columns(deltas: dict[tuple[object, ...], Delta], width: int) -> list[list[o
     return arrays
 
 
-async def write_reports(connection: asyncpg.Connection, rows: Sequence[tuple[object, ...]]) -> None:
-    """COPY the (already cleaned) rows in and bump their counters; the caller owns the
-    transaction and has made sure a partition exists for each row's day."""
+async def write_reports(
+    connection: asyncpg.Connection, rows: Sequence[tuple[object, ...]], now_ms: int
+) -> None:
+    """Bump the rows' roll-up and issue counters, then COPY them in with their issue ids; the
+    caller owns the transaction and has made sure a partition exists for each row's day.
+
+    The rows go in last because they need the ids of their issues, yet ``reports`` must be
+    the first table locked (prune takes it before the roll-ups and the issues): its lock is
+    taken first, on the partitioned parent only, which is what prune's lock conflicts with.
+    """
     if not rows:
         return
-    await connection.copy_records_to_table("reports", records=rows, columns=REPORT_INSERT_COLUMNS)
+    await connection.execute("LOCK TABLE ONLY reports IN ROW EXCLUSIVE MODE")
     await count_reports(connection, rows)
+    ids = await issue_writes.add(connection, issue_writes.tally_reports(rows), now_ms)
+    records = [
+        (*row[:REPORT_BASE_WIDTH], row[_FINGERPRINT] or None, row[_RELEASE],
+         ids.get(row[_FINGERPRINT]))  # type: ignore[call-overload]
+        for row in rows
+    ]  # fmt: skip
+    await connection.copy_records_to_table(
+        "reports", records=records, columns=REPORT_INSERT_COLUMNS
+    )
 
 
 async def count_reports(connection: asyncpg.Connection, rows: Sequence[Sequence[object]]) -> None:

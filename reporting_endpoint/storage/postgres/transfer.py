@@ -88,6 +88,9 @@ async def import_rows(connection: asyncpg.Connection, kind: RowKind, rows: Seque
     await connection.copy_records_to_table(kind, records=new, columns=columns)
     if kind == "reports":
         # The id is the first column; the roll-ups take the rest, in NewReport.row() order.
+        # Issues do not travel, as on SQLite: the exported row has no issue columns (one
+        # shape for every engine), so imported events belong to no issue (their issue
+        # columns stay NULL) until ``regroup`` runs at the target with its rules.
         await count_reports(connection, [row[1:] for row in new])
     if kind in _SEQUENCED:
         # Never backwards (greatest): the sequence may be past these ids already.

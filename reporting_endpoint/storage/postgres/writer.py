@@ -412,7 +412,7 @@ class PostgresWriter:
         await self._ensure_days(days)
 
         async def work(connection: asyncpg.Connection) -> None:
-            await write_reports(connection, rows)
+            await write_reports(connection, rows, int(time.time() * 1000))
             await write_quarantine(connection, rejected, self.limits.quarantine_max_rows)
 
         try:

@@ -2,8 +2,10 @@
 
 ``backend.py`` implements the storage protocol; ``writer.py`` is the group-commit writer it
 builds on; ``reads.py``, ``rollups.py``, ``crashes.py``, ``quarantine.py``, ``deletion.py`` and
-``transfer.py`` (whole rows out and in, for ``copy``) hold the SQL; ``schema.py`` applies the
-numbered ``migrations/``.
+``transfer.py`` (whole rows out and in, for ``copy``) hold the SQL; issues live in
+``issue_tally.py`` (what events add to an issue, pure), ``issue_counts.py`` (counters and
+triage state, in the insert's transaction), ``issue_admin.py`` (status changes, regroup) and
+``issues.py`` (the issue reads); ``schema.py`` applies the numbered ``migrations/``.
 """
 
 from reporting_endpoint.storage.sqlite.backend import SQLiteStorage, check_file, check_ours

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from reporting_endpoint.records import NewCrash
+from reporting_endpoint.issues.triage import StatusChange
+from reporting_endpoint.records import IssueKey, NewCrash
 from reporting_endpoint.settings import SettingsError
 from reporting_endpoint.storage.base import (
     Blob,
     Counts,
     Deletion,
     GroupPage,
+    IssueFilters,
+    IssuePage,
+    IssueSort,
     NotOurDatabase,
     Page,
     PendingCrash,
@@ -34,7 +39,15 @@ from reporting_endpoint.storage.base import (
 )
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
 from reporting_endpoint.storage.rows import check_rows
-from reporting_endpoint.storage.sqlite import crashes, deletion, reads, rollups, transfer
+from reporting_endpoint.storage.sqlite import (
+    crashes,
+    deletion,
+    issue_admin,
+    issues,
+    reads,
+    rollups,
+    transfer,
+)
 from reporting_endpoint.storage.sqlite.writer import SQLiteWriter
 
 T = TypeVar("T")
@@ -80,6 +93,10 @@ def check_file(path: Path) -> None:
             connection.close()
     except sqlite3.Error as exc:
         raise SettingsError(f"db: {path} is not a reporting-endpoint database ({exc})") from None
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _failure(exc: sqlite3.Error) -> StorageFailure:
@@ -134,8 +151,18 @@ class SQLiteStorage(SQLiteWriter):
     async def insert_crash(self, crash: NewCrash) -> None:
         await self.run_job(partial(crashes.insert_crash, crash=crash))
 
-    async def record_crash_facts(self, crash_id: str, facts: Mapping[str, Any]) -> None:
-        await self.run_job(partial(crashes.record_facts, crash_id=crash_id, facts=facts))
+    async def record_crash_facts(
+        self, crash_id: str, facts: Mapping[str, Any], issue: IssueKey | None = None
+    ) -> None:
+        await self.run_job(
+            partial(
+                crashes.record_facts,
+                crash_id=crash_id,
+                facts=facts,
+                issue=issue,
+                now_ms=_now_ms(),
+            )
+        )
 
     async def record_crash_failure(self, crash_id: str, error: str) -> None:
         await self.run_job(partial(crashes.record_failure, crash_id=crash_id, error=error))
@@ -160,6 +187,29 @@ class SQLiteStorage(SQLiteWriter):
 
     async def referenced_blobs(self) -> frozenset[str]:
         return await self.run_job(deletion.referenced)
+
+    async def set_issue_status(
+        self, issue_id: int, change: StatusChange, now_ms: int
+    ) -> dict[str, Any] | None:
+        found = await self.run_job(
+            partial(issue_admin.set_status, issue_id=issue_id, change=change, now_ms=now_ms)
+        )
+        # Read back after the commit, on the read connection, as the API shows it.
+        return await self.get_issue(issue_id) if found else None
+
+    async def regroup(
+        self,
+        report_key: Callable[[Mapping[str, Any]], IssueKey],
+        crash_key: Callable[[Mapping[str, Any]], IssueKey | None],
+    ) -> int:
+        return await self.run_job(
+            partial(
+                issue_admin.regroup,
+                report_key=report_key,
+                crash_key=crash_key,
+                now_ms=_now_ms(),
+            )
+        )
 
     async def import_batch(self, kind: RowKind, rows: Sequence[RawRow]) -> int:
         check_rows(kind, rows)
@@ -217,6 +267,19 @@ class SQLiteStorage(SQLiteWriter):
 
     async def quarantine_counts(self) -> tuple[tuple[str, int], ...]:
         return await self._read(reads.quarantine_counts)
+
+    async def issues_page(
+        self, filters: IssueFilters, sort: IssueSort, limit: int, after: str | None = None
+    ) -> IssuePage:
+        return await self._read(issues.issues_page, filters, sort, limit, after)
+
+    async def get_issue(
+        self, issue_id: int, since: int | None = None, until: int | None = None
+    ) -> dict[str, Any] | None:
+        return await self._read(issues.get_issue, issue_id, since, until)
+
+    async def issue_events(self, issue_id: int, limit: int, after: Position | None = None) -> Page:
+        return await self._read(issues.issue_events, issue_id, limit, after)
 
     async def export_batch(
         self,

@@ -11,21 +11,28 @@ from typing import Any
 
 import orjson
 
-from reporting_endpoint.records import NewCrash
+from reporting_endpoint.records import IssueKey, NewCrash
 from reporting_endpoint.storage.rows import FACT_COLUMNS, U64_FACTS, u64_to_db
+from reporting_endpoint.storage.sqlite import issue_counts
+from reporting_endpoint.storage.sqlite.issue_tally import (
+    CRASH_EVENT_COLUMNS,
+    Tally,
+    tally_crash_event,
+)
 
 
 def insert_crash(connection: sqlite3.Connection, crash: NewCrash) -> None:
     connection.execute(
         "INSERT INTO crashes (id, received_at, product, version, guid, platform, process_type,"
         " electron_version, annotations, query, dump_sha256, dump_size, dump_path, attachments,"
-        " upload_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " upload_bytes, release) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             crash.id, crash.received_at, crash.product, crash.version, crash.guid,
             crash.platform, crash.process_type, crash.electron_version,
             orjson.dumps(crash.annotations).decode(), orjson.dumps(crash.query).decode(),
             crash.dump_sha256, crash.dump_size, crash.dump_path,
             orjson.dumps(list(crash.attachments)).decode(), crash.upload_bytes,
+            None if crash.release is None else _text(crash.release),
         ),
     )  # fmt: skip
 
@@ -56,12 +63,21 @@ def _fact_value(name: str, value: Any) -> object:
     return None
 
 
-def record_facts(connection: sqlite3.Connection, crash_id: str, facts: Mapping[str, Any]) -> None:
+def record_facts(
+    connection: sqlite3.Connection,
+    crash_id: str,
+    facts: Mapping[str, Any],
+    issue: IssueKey | None = None,
+    now_ms: int = 0,
+) -> None:
     """Mark the crash parsed with its facts; if they still cannot be written, mark it failed.
 
     Either way the row leaves ``pending``: a result that cannot be stored must not leave the
-    crash to be parsed again, and fail again, at every start.
+    crash to be parsed again, and fail again, at every start. With ``issue``, the crash is
+    counted in that issue in the same transaction (a crash parsed again leaves its old issue
+    first, so it is never counted twice).
     """
+    forget_issue(connection, crash_id)
     assignments = ", ".join(f"{name} = ?" for name in FACT_COLUMNS)
     values = [_fact_value(name, facts.get(name)) for name in FACT_COLUMNS]
     try:
@@ -81,6 +97,36 @@ def record_facts(connection: sqlite3.Connection, crash_id: str, facts: Mapping[s
                 crash_id,
             ),
         )
+    if issue is not None and issue.fingerprint:
+        assign_issue(connection, crash_id, issue, now_ms)
+
+
+def forget_issue(connection: sqlite3.Connection, crash_id: str) -> None:
+    """Take the crash out of the issue it is counted in, if any."""
+    touched = issue_counts.forget_events(connection, "crashes", "id = ?", (crash_id,))
+    if touched:
+        connection.execute(
+            "UPDATE crashes SET issue_id = NULL, fingerprint = NULL WHERE id = ?", (crash_id,)
+        )
+        issue_counts.settle(connection, touched, "crashes")
+
+
+def assign_issue(
+    connection: sqlite3.Connection, crash_id: str, issue: IssueKey, now_ms: int
+) -> None:
+    """Count the (stored, parsed) crash in ``issue``, creating it when new."""
+    event = connection.execute(
+        f"SELECT {CRASH_EVENT_COLUMNS} FROM crashes WHERE id = ?", (crash_id,)
+    ).fetchone()
+    if event is None:
+        return
+    tally = Tally(issue)
+    tally_crash_event(tally, event)
+    ids = issue_counts.add(connection, {issue.fingerprint: tally}, now_ms)
+    connection.execute(
+        "UPDATE crashes SET fingerprint = ?, issue_id = ? WHERE id = ?",
+        (issue.fingerprint, ids[issue.fingerprint], crash_id),
+    )
 
 
 def record_failure(connection: sqlite3.Connection, crash_id: str, error: str) -> None:

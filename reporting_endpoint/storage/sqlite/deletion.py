@@ -19,6 +19,7 @@ import orjson
 
 from reporting_endpoint.storage.base import Blob, Deletion
 from reporting_endpoint.storage.filters import HOUR_MS
+from reporting_endpoint.storage.sqlite import issue_counts
 from reporting_endpoint.storage.sqlite.rollups import (
     HOURLY_TABLES,
     KEYS,
@@ -45,7 +46,9 @@ def delete_report(connection: sqlite3.Connection, report_id: int) -> bool:
         return False
     received_at: int = found[0]
     key = dict(zip(KEYS, found[1:], strict=True))
+    touched = issue_counts.forget_events(connection, "reports", "id = ?", (report_id,))
     connection.execute("DELETE FROM reports WHERE id = ?", (report_id,))
+    issue_counts.settle(connection, touched, "reports")
     hour = received_at // HOUR_MS
     match = " AND ".join(f"coalesce({name}, '') = ?" for name in KEYS)
     count, first, last = connection.execute(
@@ -149,7 +152,9 @@ def delete_crash(connection: sqlite3.Connection, crash_id: str) -> Deletion:
     ).fetchall()
     if not rows:
         return Deletion()
+    touched = issue_counts.forget_events(connection, "crashes", "id = ?", (crash_id,))
     connection.execute("DELETE FROM crashes WHERE id = ?", (crash_id,))
+    issue_counts.settle(connection, touched, "crashes")
     return Deletion(crashes=1, blobs=_unreferenced(connection, _blobs_of(rows)))
 
 
@@ -159,9 +164,11 @@ def prune_crashes(connection: sqlite3.Connection, older_than_ms: int) -> Deletio
         "SELECT dump_sha256, dump_path, attachments FROM crashes WHERE received_at < ?",
         (older_than_ms,),
     ).fetchall()
+    touched = issue_counts.forget_events(connection, "crashes", "received_at < ?", (older_than_ms,))
     deleted = connection.execute(
         "DELETE FROM crashes WHERE received_at < ?", (older_than_ms,)
     ).rowcount
+    issue_counts.settle(connection, touched, "crashes")
     return Deletion(crashes=int(deleted), blobs=_unreferenced(connection, _blobs_of(rows)))
 
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import operator
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from reporting_endpoint.storage.filters import HOUR_MS, REPORT_DIMENSIONS
+from reporting_endpoint.storage.sqlite import issue_counts
+from reporting_endpoint.storage.sqlite.issue_tally import Tally, tally_reports
 
+# The first 13 values of NewReport.row(), then the fingerprint (None for ""), the release and
+# the issue id the writer found for the fingerprint (the title lives on the issue).
 INSERT_REPORT = (
     "INSERT INTO reports (received_at, generated_at, age, type, url, origin, site, user_agent,"
-    " browser, browser_major, os, reason, raw) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " browser, browser_major, os, reason, raw, fingerprint, release, issue_id)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# Positions in a NewReport.row() tuple.
+_FINGERPRINT, _RELEASE = 13, 15
 
 # Group key columns, in this order everywhere below.
 KEYS = REPORT_DIMENSIONS
@@ -125,10 +132,36 @@ def rollup(rows: Sequence[tuple[object, ...]]) -> dict[tuple[object, ...], Delta
     return {tuple("" if v is None else v for v in key): delta for key, delta in deltas.items()}
 
 
-def write_reports(connection: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
-    """Insert the rows and bump their counters; the caller owns the transaction."""
-    connection.executemany(INSERT_REPORT, rows)
+def write_reports(
+    connection: sqlite3.Connection, rows: Sequence[tuple[object, ...]], now_ms: int
+) -> Callable[[], None]:
+    """Insert the rows (``NewReport.row()`` order) and bump their counters and their issues';
+    the caller owns the transaction. Answers the rest of the issue counters, to run before
+    the COMMIT: one statement per table, so the writer runs it on its thread (see
+    ``issue_counts.bump_counters``)."""
+    deferred: list[tuple[int, Tally]] = []
+    counted: list[list[tuple[object, ...]]] = []
+    if not rows:
+        return lambda: None
+    ids = issue_counts.add(
+        connection, tally_reports(rows), now_ms, deferred=deferred, deferred_counts=counted
+    )
+    connection.executemany(
+        INSERT_REPORT,
+        [
+            (*row[:_FINGERPRINT], row[_FINGERPRINT] or None, row[_RELEASE],
+             ids.get(row[_FINGERPRINT]))  # type: ignore[call-overload]
+            for row in rows
+        ],
+    )  # fmt: skip
     count_reports(connection, rows)
+
+    def finish() -> None:
+        for issues in counted:
+            issue_counts.count_issues(connection, issues)
+        issue_counts.bump_counters(connection, deferred, 1)
+
+    return finish
 
 
 def count_reports(connection: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
@@ -151,9 +184,11 @@ def prune(connection: sqlite3.Connection, older_than_ms: int) -> int:
     from the reports left; the all-time tables are rebuilt from the hourly one. The caller owns
     the transaction. Returns how many reports were deleted.
     """
+    touched = issue_counts.forget_events(connection, "reports", "received_at < ?", (older_than_ms,))
     deleted = connection.execute(
         "DELETE FROM reports WHERE received_at < ?", (older_than_ms,)
     ).rowcount
+    issue_counts.settle(connection, touched, "reports")
     edge = older_than_ms // HOUR_MS
     connection.execute("DELETE FROM report_groups_hourly WHERE hour <= ?", (edge,))
     connection.execute(

@@ -73,6 +73,9 @@ def import_rows(connection: sqlite3.Connection, kind: RowKind, rows: Sequence[Ra
     )
     if kind == "reports":
         # The id is the first column; the roll-ups take the rest, in NewReport.row() order.
+        # Issues do not travel: the exported row has no issue columns (the same shape for
+        # every engine), so imported events belong to no issue until ``regroup`` runs at
+        # the target with its fingerprint rules.
         count_reports(connection, [row[1:] for row in new])
     return len(new)
 

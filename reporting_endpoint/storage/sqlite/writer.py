@@ -410,16 +410,25 @@ class SQLiteWriter:
         assert connection is not None
         await self._begin(connection)
         try:
-            write_reports(connection, rows)
+            # The time triage compares an ignore's end with (not the reports' own times: a
+            # report's clock is the browser's).
+            finish = write_reports(connection, rows, time.time_ns() // 1_000_000)
             write_quarantine(connection, rejected, self.quarantine_max_rows)
             await asyncio.get_running_loop().run_in_executor(
-                self._executor, connection.execute, "COMMIT"
+                self._executor, _finish_and_commit, connection, finish
             )
         except BaseException:
             with contextlib.suppress(Exception):
                 connection.execute("ROLLBACK")
             raise
         self._crashes = 0
+
+
+def _finish_and_commit(connection: sqlite3.Connection, finish: Callable[[], None]) -> None:
+    # The issue counters are a few long single statements (the GIL is released while SQLite
+    # runs them), so on this thread they overlap with the loop's request handling.
+    finish()
+    connection.execute("COMMIT")
 
 
 def _size(item: _Pending) -> int:

@@ -1,5 +1,6 @@
 """JSON API under /api behind bearer tokens: groups, reports, crashes, series, quarantine to
-read (read token), and deleting one report or crash (write token)."""
+read (read token), and deleting one report or crash (write token); the token middleware that
+guards every route under /api, issues included."""
 
 from __future__ import annotations
 
@@ -58,9 +59,14 @@ class _FromApp:
 _FROM_APP = _FromApp()
 
 
+# Methods that only read; any other (DELETE, PATCH, ...) changes data and needs the write token.
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
 class BearerTokenMiddleware:
     """Lets a request through only with ``Authorization: Bearer <token>``: the read token for
-    reading, the write token for ``DELETE`` (the read token never deletes anything).
+    reading (``GET``), the write token for anything that changes data (``DELETE`` a report,
+    ``PATCH`` an issue's status): the read token never changes anything.
 
     With no token configured that half of the API is closed to everyone, and the error says how
     to open it. ``write_token`` left out is taken from the service app's settings
@@ -86,14 +92,15 @@ class BearerTokenMiddleware:
             await self.app(scope, receive, send)
             return
         challenge = {"WWW-Authenticate": 'Bearer realm="reporting-endpoint"'}
-        writing = scope["method"] == "DELETE"
+        writing = scope["method"] not in READ_METHODS
         expected = self._write_token(scope) if writing else self.token
         if expected is None:
             response = (
                 error_response(
                     401,
                     "write_api_disabled",
-                    "deleting is off until a write token is set: REPORTING_ENDPOINT_WRITE_TOKEN",
+                    "changing data (deleting, triage) is off until a write token is set:"
+                    " REPORTING_ENDPOINT_WRITE_TOKEN",
                     challenge,
                 )
                 if writing
@@ -123,7 +130,7 @@ class BearerTokenMiddleware:
         await self.app(scope, receive, send)
 
 
-def _json(data: Any, status: int = 200) -> Response:
+def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
@@ -206,7 +213,7 @@ class ReadApi:
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
         found = await self._read(self.storage.groups(source, by, filters, limit))
-        return _json(
+        return json_response(
             {"source": source, "by": list(by), "groups": list(found.groups), "more": found.more}
         )
 
@@ -219,14 +226,14 @@ class ReadApi:
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
         page = await self._read(self.storage.crash_page(filters, limit, after))
-        return _json(_page(page, "crashes"))
+        return json_response(_page(page, "crashes"))
 
     async def crash(self, request: Request) -> Response:
         crash_id = _crash_id(request)
         found = await self._read(self.storage.get_crash(crash_id))
         if found is None:
             raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
-        return _json(found)
+        return json_response(found)
 
     async def minidump(self, request: Request) -> Response:
         crash_id = _crash_id(request)
@@ -262,14 +269,14 @@ class ReadApi:
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
         page = await self._read(self.storage.reports_page(filters, limit, after))
-        return _json(_page(page, "reports"))
+        return json_response(_page(page, "reports"))
 
     async def report(self, request: Request) -> Response:
         report_id = _row_id(request, "report_id", "report")
         found = await self._read(self.storage.get_report(report_id))
         if found is None:
             raise RequestRejected(404, "report_not_found", f"no report with id {report_id}")
-        return _json(found)
+        return json_response(found)
 
     async def timeseries(self, request: Request) -> Response:
         try:
@@ -287,7 +294,7 @@ class ReadApi:
             series = series_rows(by, counts, window.widen(counts))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        return _json({"source": source, "bucket": bucket, "by": list(by), "series": series})
+        return json_response({"source": source, "bucket": bucket, "by": list(by), "series": series})
 
     async def quarantine(self, request: Request) -> Response:
         try:
@@ -298,28 +305,28 @@ class ReadApi:
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
         page = await self._read(self.storage.quarantine_page(filters, limit, after))
-        return _json(_page(page, "quarantine"))
+        return json_response(_page(page, "quarantine"))
 
     async def quarantined(self, request: Request) -> Response:
         row_id = _row_id(request, "quarantine_id", "quarantined report")
         found = await self._read(self.storage.get_quarantined(row_id))
         if found is None:
             raise RequestRejected(404, "quarantined_not_found", f"no quarantined id {row_id}")
-        return _json(found)
+        return json_response(found)
 
     async def delete_report(self, request: Request) -> Response:
         report_id = _row_id(request, "report_id", "report")
         deleted = await self._read(self.storage.delete_report(report_id))
         if not deleted:
             raise RequestRejected(404, "report_not_found", f"no report with id {report_id}")
-        return _json({"deleted": {"reports": 1, "crashes": 0, "files": 0}})
+        return json_response({"deleted": {"reports": 1, "crashes": 0, "files": 0}})
 
     async def delete_crash(self, request: Request) -> Response:
         crash_id = _crash_id(request)
         gone = await self._read(deletion.delete_crash(self.storage, crash_id, self.blobs))
         if not gone.crashes:
             raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
-        return _json({"deleted": {"reports": 0, "crashes": 1, "files": gone.files_removed}})
+        return json_response({"deleted": {"reports": 0, "crashes": 1, "files": gone.files_removed}})
 
     def routes(self) -> list[Route]:
         return [
