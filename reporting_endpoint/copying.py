@@ -301,6 +301,8 @@ class _Copier:
             kind: await self._copy_table(kind, source_counts, target_counts)
             for kind in ("reports", "crashes", "quarantine")
         }
+        if any(copied.values()):
+            await self._regroup_target()
         if self.progress:
             print("verifying...", file=sys.stderr, flush=True)
         return CopyResult(
@@ -311,6 +313,19 @@ class _Copier:
             blobs_missing=tuple(self.blobs_missing),
             verification=await self._verify(),
         )
+
+    async def _regroup_target(self) -> None:
+        """Give the copied events their issues at the target: rows travel without issue
+        columns (the same shape for every engine), so the target computes them with the
+        rules in force there (REPORTING_ENDPOINT_FINGERPRINT_RULES), as ``regroup`` does.
+        Triage status and history stay with the source."""
+        from reporting_endpoint.issue_keys import stored_crash_key, stored_report_key
+        from reporting_endpoint.settings import Settings
+
+        rules = Settings.from_env().fingerprint_rule_set()
+        if self.progress:
+            print("grouping into issues...", file=sys.stderr, flush=True)
+        await self.target.regroup(stored_report_key(rules), stored_crash_key(rules))
 
     async def _copy_table(self, kind: RowKind, source: Counts, target: Counts) -> int:
         from reporting_endpoint.storage.filters import Position

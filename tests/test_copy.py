@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -532,3 +533,34 @@ def test_the_protocol_moves_whole_rows(database_url: str) -> None:
             assert await storage.export_batch("reports", 100) == every
 
     run(scenario())
+
+
+def test_copied_events_belong_to_issues_at_the_target(tmp_path: Path) -> None:
+    """Rows travel without issue columns; the target groups them like the source did."""
+    from starlette.testclient import TestClient
+
+    from reporting_endpoint.app import create_app
+    from tests.conftest import captured_reports
+
+    source_db, target_db = tmp_path / "s.sqlite3", tmp_path / "t.sqlite3"
+    settings = Settings(db=source_db, read_token="r")
+    auth = {"authorization": "Bearer r"}
+    batch = captured_reports("crash-pagecrash") + captured_reports("deprecation")
+    with TestClient(create_app(settings)) as client:
+        posted = client.post(
+            "/reports", content=json.dumps(batch),
+            headers={"content-type": "application/reports+json"},
+        )  # fmt: skip
+        assert posted.json()["accepted"] == len(batch)
+        expected = client.get("/api/issues", headers=auth, params={"since": "7d"}).json()
+    out = io.StringIO()
+    argv = ["copy", "--from", str(source_db), "--to", str(target_db), "--quiet"]
+    assert main(argv, out=out) == 0, out.getvalue()
+    with TestClient(create_app(settings.replace(db=target_db))) as client:
+        got = client.get("/api/issues", headers=auth, params={"since": "7d"}).json()
+
+    def summary(page: dict[str, Any]) -> list[tuple[str, str, int]]:
+        return sorted((i["fingerprint"], i["title"], i["count"]) for i in page["issues"])
+
+    assert summary(expected), "the source has issues to compare"
+    assert summary(got) == summary(expected)
