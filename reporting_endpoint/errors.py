@@ -23,6 +23,10 @@ _STATUS_CODES = {
 }
 
 
+# Sent with every 503: the store is down or busy for a while, not for good.
+RETRY_LATER = {"Retry-After": "5"}
+
+
 class RequestRejected(Exception):
     """A request the service refuses; ``code`` is stable and safe to match on."""
 

@@ -239,3 +239,17 @@ def test_export_keeps_going_past_text_that_is_not_utf8(api: TestClient, db: Path
     odd = next(report for report in exported if report["received_at"].startswith("1970"))
     assert odd["url"] == "h\ufffd\ufffd" and odd["user_agent"] == "\x00\ufffd"
     json.dumps(exported)  # what `export` writes
+
+
+@pytest.mark.parametrize("path", ["/api/groups", "/api/reports", "/api/issues", "/api/crashes"])
+def test_a_store_that_is_not_available_answers_503_with_retry_after(
+    tmp_path: Path, path: str
+) -> None:
+    """A mounted service whose lifespan never ran (or a store that is down) is a wait, not an
+    error: 503 with its code and Retry-After, like the ingest endpoints."""
+    app = create_app(Settings(db=tmp_path / "r.sqlite3", read_token=TOKEN))
+    client = TestClient(app)  # no `with`: the lifespan (and so the storage) never starts
+    response = client.get(path, headers=AUTH)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "storage_not_started"
+    assert int(response.headers["retry-after"]) > 0

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from reporting_endpoint.api.read import json_response
-from reporting_endpoint.errors import RequestRejected
+from reporting_endpoint.errors import RETRY_LATER, RequestRejected
 from reporting_endpoint.issues.triage import STATUSES, StatusChange
 from reporting_endpoint.params import (
     QueryError,
@@ -218,7 +218,9 @@ class IssuesApi:
         try:
             return await query
         except StorageError as exc:
-            raise RequestRejected(503, exc.code, "the report store is not available") from None
+            raise RequestRejected(
+                503, exc.code, "the report store is not available", RETRY_LATER
+            ) from None
 
     async def issues(self, request: Request) -> Response:
         try:

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from reporting_endpoint import deletion
 from reporting_endpoint.blobstores import BlobNotFound, BlobStore, BlobStoreError, BlobStream
-from reporting_endpoint.errors import RequestRejected, error_response
+from reporting_endpoint.errors import RETRY_LATER, RequestRejected, error_response
 from reporting_endpoint.params import (
     DIMENSIONS,
     QueryError,
@@ -193,7 +193,9 @@ class ReadApi:
         try:
             return await query
         except StorageError as exc:
-            raise RequestRejected(503, exc.code, "the report store is not available") from None
+            raise RequestRejected(
+                503, exc.code, "the report store is not available", RETRY_LATER
+            ) from None
 
     async def groups(self, request: Request) -> Response:
         try:
@@ -247,7 +249,7 @@ class ReadApi:
             raise RequestRejected(404, "minidump_missing", "the dump file is gone") from None
         except (BlobStoreError, OSError):
             raise RequestRejected(
-                503, "blob_store_error", "the dump store is not available"
+                503, "blob_store_error", "the dump store is not available", RETRY_LATER
             ) from None
         # Streamed as the client reads it (from a file or straight from the bucket), with its
         # length up front so a download tool can show progress and spot a cut-off transfer.
