@@ -316,9 +316,10 @@ class _Copier:
 
     async def _regroup_target(self) -> None:
         """Give the copied events their issues at the target: rows travel without issue
-        columns (the same shape for every engine), so the target computes them with the
-        rules in force there (REPORTING_ENDPOINT_FINGERPRINT_RULES), as ``regroup`` does.
-        Triage status and history stay with the source."""
+        columns (the same shape for every engine) but with each event's release, so the
+        target computes them, with their release breakdowns and first and last releases,
+        with the rules in force there (REPORTING_ENDPOINT_FINGERPRINT_RULES), as ``regroup``
+        does. Triage status and history stay with the source."""
         from reporting_endpoint.issue_keys import stored_crash_key, stored_report_key
         from reporting_endpoint.settings import Settings
 

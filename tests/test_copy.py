@@ -502,7 +502,7 @@ def test_the_protocol_moves_whole_rows(database_url: str) -> None:
         async with opened(database_url) as storage:
             await storage.submit_reports([report(n) for n in range(12)], [rejected(1)])
             every = await storage.export_batch("reports", 100)
-            assert len(every) == 12 and len(every[0]) == 14
+            assert len(every) == 12 and len(every[0]) == 15
             keys = [(row[1], row[0]) for row in every]
             assert keys == sorted(keys)
             first = await storage.export_batch("reports", 5)
@@ -535,32 +535,80 @@ def test_the_protocol_moves_whole_rows(database_url: str) -> None:
     run(scenario())
 
 
-def test_copied_events_belong_to_issues_at_the_target(tmp_path: Path) -> None:
-    """Rows travel without issue columns; the target groups them like the source did."""
+@pytest.fixture(params=["sqlite-to-sqlite", "sqlite-to-postgresql", "postgresql-to-sqlite"])
+def issue_sides(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Side, Side]:
+    if request.param == "sqlite-to-sqlite":
+        return sqlite_side(tmp_path / "s.sqlite3"), sqlite_side(tmp_path / "t.sqlite3")
+    name = "sqlite_to_postgres" if request.param.startswith("sqlite") else "postgres_to_sqlite"
+    pair: tuple[Side, Side] = request.getfixturevalue(name)
+    return pair
+
+
+def test_copied_events_belong_to_issues_at_the_target(issue_sides: tuple[Side, Side]) -> None:
+    """Rows travel without issue columns but with each event's release; the target groups
+    them like the source did: the same issues, counts, first and last release and release
+    breakdown, for reports (release from the page URL) and a native crash (``_version``)."""
     from starlette.testclient import TestClient
 
     from reporting_endpoint.app import create_app
-    from tests.conftest import captured_reports
+    from tests.conftest import captured_reports, crash_report
+    from tests.crashpad_client import MINIDUMPS, content_type, dump_upload
 
-    source_db, target_db = tmp_path / "s.sqlite3", tmp_path / "t.sqlite3"
-    settings = Settings(db=source_db, read_token="r")
+    source, target = issue_sides
+
+    def service(side: Side) -> TestClient:
+        settings = Settings(
+            database=side.database, read_token="r", release_source="query:v",
+            **({"blob_store": side.blobs} if side.blobs else {}),
+        )  # fmt: skip
+        return TestClient(create_app(settings))
+
     auth = {"authorization": "Bearer r"}
+    page = "https://shop.example.com/app/checkout"
     batch = captured_reports("crash-pagecrash") + captured_reports("deprecation")
-    with TestClient(create_app(settings)) as client:
+    # Distinct ages: events generated apart, not retries of each other.
+    batch += [crash_report(url=f"{page}?v=1.1", age=13 + 2000 * n) for n in range(2)]
+    batch += [crash_report(url=f"{page}?v=1.3", age=10_013 + 2000 * n) for n in range(3)]
+    fields = {"prod": "Electron", "ver": "33.2.1", "_productName": "ExampleApp",
+              "_version": "1.2.3", "platform": "win32", "process_type": "browser"}  # fmt: skip
+    dump = dump_upload(
+        (MINIDUMPS / "win-x64_electron_node-minidump_windows.dmp").read_bytes(), fields
+    )
+
+    def snapshot(client: TestClient) -> dict[str, Any]:
+        listed = client.get("/api/issues", headers=auth, params={"since": "7d"}).json()
+        issues = {}
+        for item in listed["issues"]:
+            detail = client.get(f"/api/issues/{item['id']}", headers=auth).json()
+            releases = sorted(
+                (entry["value"], entry["count"])
+                for entry in (detail.get("breakdowns") or {}).get("release", [])
+            )
+            issues[item["fingerprint"]] = (
+                item["title"], item["count"], item["first_release"], item["last_release"],
+                detail["first_release"], detail["last_release"], releases,
+            )  # fmt: skip
+        return issues
+
+    with service(source) as client:
         posted = client.post(
             "/reports", content=json.dumps(batch),
             headers={"content-type": "application/reports+json"},
         )  # fmt: skip
         assert posted.json()["accepted"] == len(batch)
-        expected = client.get("/api/issues", headers=auth, params={"since": "7d"}).json()
-    out = io.StringIO()
-    argv = ["copy", "--from", str(source_db), "--to", str(target_db), "--quiet"]
-    assert main(argv, out=out) == 0, out.getvalue()
-    with TestClient(create_app(settings.replace(db=target_db))) as client:
-        got = client.get("/api/issues", headers=auth, params={"since": "7d"}).json()
+        uploaded = client.post("/crashpad", content=dump, headers={"content-type": content_type()})
+        assert uploaded.status_code == 200
+        client.portal.call(client.app.state.analyzer.idle)  # type: ignore[attr-defined,union-attr]
+        expected = snapshot(client)
+    code, output = copy(source, target)
+    assert code == 0, output
+    with service(target) as client:
+        got = snapshot(client)
 
-    def summary(page: dict[str, Any]) -> list[tuple[str, str, int]]:
-        return sorted((i["fingerprint"], i["title"], i["count"]) for i in page["issues"])
-
-    assert summary(expected), "the source has issues to compare"
-    assert summary(got) == summary(expected)
+    summary = list(expected.values())
+    assert summary, "the source has issues to compare"
+    released = {(s[2], s[3], tuple(s[6])) for s in summary if s[6]}
+    # Reports with releases 1.1 and 1.3 in one issue; the native crash in release 1.2.3.
+    assert ("1.1", "1.3", (("1.1", 2), ("1.3", 3))) in released, summary
+    assert ("1.2.3", "1.2.3", (("1.2.3", 1),)) in released, summary
+    assert got == expected

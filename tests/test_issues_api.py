@@ -318,6 +318,34 @@ def test_bad_changes_are_400_and_change_nothing(client: TestClient, body: bytes,
     assert issue(client, issue_id)["history"] == []
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"status": "resolved", "release": "1.2", "ignore_minutes": 5},
+            "ignore_minutes and ignore_events go only with status 'ignored'",
+        ),
+        (
+            {"status": "unresolved", "ignore_events": 3},
+            "ignore_minutes and ignore_events go only with status 'ignored'",
+        ),
+        ({"status": "ignored", "release": "1.2"}, "release goes only with status 'resolved'"),
+    ],
+)
+def test_a_mixed_change_is_refused_in_the_api_field_names(
+    client: TestClient, body: dict[str, Any], message: str
+) -> None:
+    """The 400 names the fields a PATCH body has (ignore_minutes, ignore_events, release),
+    not the internal ones (ignore_until, ignore_more_events, resolved_in_release)."""
+    send_crash(client)
+    issue_id = the_crash_issue(client)["id"]
+    response = client.patch(f"/api/issues/{issue_id}", json=body, headers=WRITE)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["message"]) == ("invalid_change", message)
+    assert issue(client, issue_id)["history"] == []
+
+
 def test_a_crash_left_pending_gets_its_issue_after_a_restart(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -184,6 +184,13 @@ def status_change(body: object, actor: str, now: int) -> StatusChange:
     minutes = _whole(body, "ignore_minutes", MAX_IGNORE_MINUTES)
     events = _whole(body, "ignore_events", MAX_IGNORE_EVENTS)
     reason = _text(body, "reason", MAX_REASON) or ""
+    # Said here in the API's field names (StatusChange, below, names its own fields).
+    if release is not None and status != "resolved":
+        raise RequestRejected(400, "invalid_change", "release goes only with status 'resolved'")
+    if status != "ignored" and (minutes is not None or events is not None):
+        raise RequestRejected(
+            400, "invalid_change", "ignore_minutes and ignore_events go only with status 'ignored'"
+        )
     try:
         return StatusChange(
             status=status,
@@ -194,7 +201,7 @@ def status_change(body: object, actor: str, now: int) -> StatusChange:
             ignore_more_events=events,
         )
     except ValueError as exc:
-        # release only with resolved, ignore_* only with ignored: said by StatusChange.
+        # Anything else StatusChange refuses.
         raise RequestRejected(400, "invalid_change", str(exc)) from None
 
 

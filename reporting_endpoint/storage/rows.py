@@ -28,10 +28,12 @@ CRASH_COLUMNS = (
 )  # fmt: skip
 QUARANTINE_COLUMNS = ("id", "received_at", "code", "field", "message", "type", "raw", "truncated")
 # Whole rows as ``export_batch`` answers them and ``import_batch`` takes them, per table: the
-# same order on every backend, so rows move between engines as they are.
+# same order on every backend, so rows move between engines as they are. Each event's release
+# travels last (``regroup`` at the target takes it from the row); its issue columns do not
+# (the target computes them with its own rules).
 EXPORT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "reports": REPORT_COLUMNS,
-    "crashes": CRASH_COLUMNS,
+    "reports": (*REPORT_COLUMNS, "release"),
+    "crashes": (*CRASH_COLUMNS, "release"),
     "quarantine": QUARANTINE_COLUMNS,
 }
 

@@ -21,7 +21,7 @@ from reporting_endpoint.storage.filters import Position
 from reporting_endpoint.storage.postgres.reads import PgPool
 from reporting_endpoint.storage.postgres.rollups import HOURLY_TABLES, TOTAL_TABLES, count_reports
 from reporting_endpoint.storage.postgres.values import clean_row
-from reporting_endpoint.storage.rows import EXPORT_COLUMNS
+from reporting_endpoint.storage.rows import EXPORT_COLUMNS, REPORT_COLUMNS
 
 DAY_MS = 86_400_000
 # The array type of each table's id, for ``id = ANY($1)``.
@@ -87,11 +87,13 @@ async def import_rows(connection: asyncpg.Connection, kind: RowKind, rows: Seque
         return 0
     await connection.copy_records_to_table(kind, records=new, columns=columns)
     if kind == "reports":
-        # The id is the first column; the roll-ups take the rest, in NewReport.row() order.
-        # Issues do not travel, as on SQLite: the exported row has no issue columns (one
-        # shape for every engine), so imported events belong to no issue (their issue
-        # columns stay NULL) until ``regroup`` runs at the target with its rules.
-        await count_reports(connection, [row[1:] for row in new])
+        # The id is the first column; the roll-ups take the report columns after it, in
+        # NewReport.row() order (the release after them is no roll-up key). Issues do not
+        # travel, as on SQLite: the exported row has no issue columns (one shape for every
+        # engine), so imported events belong to no issue (their issue columns stay NULL)
+        # until ``regroup`` runs at the target with its rules and each event's release,
+        # which does travel.
+        await count_reports(connection, [row[1 : len(REPORT_COLUMNS)] for row in new])
     if kind in _SEQUENCED:
         # Never backwards (greatest): the sequence may be past these ids already.
         await connection.execute(

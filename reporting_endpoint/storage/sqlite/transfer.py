@@ -16,7 +16,7 @@ import orjson
 
 from reporting_endpoint.storage.base import Counts, RawRow, RowKind, TableCount
 from reporting_endpoint.storage.filters import Position
-from reporting_endpoint.storage.rows import EXPORT_COLUMNS
+from reporting_endpoint.storage.rows import EXPORT_COLUMNS, REPORT_COLUMNS
 from reporting_endpoint.storage.sqlite.rollups import HOURLY_TABLES, TOTAL_TABLES, count_reports
 
 
@@ -72,11 +72,12 @@ def import_rows(connection: sqlite3.Connection, kind: RowKind, rows: Sequence[Ra
         new,
     )
     if kind == "reports":
-        # The id is the first column; the roll-ups take the rest, in NewReport.row() order.
-        # Issues do not travel: the exported row has no issue columns (the same shape for
-        # every engine), so imported events belong to no issue until ``regroup`` runs at
-        # the target with its fingerprint rules.
-        count_reports(connection, [row[1:] for row in new])
+        # The id is the first column; the roll-ups take the report columns after it, in
+        # NewReport.row() order (the release after them is no roll-up key). Issues do not
+        # travel: the exported row has no issue columns (the same shape for every engine),
+        # so imported events belong to no issue until ``regroup`` runs at the target with
+        # its fingerprint rules and each event's release, which does travel.
+        count_reports(connection, [row[1 : len(REPORT_COLUMNS)] for row in new])
     return len(new)
 
 
