@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 
 from reporting_endpoint.records import IssueKey, NewCrash
+from reporting_endpoint.storage.issue_rows import crash_dims
 from reporting_endpoint.storage.postgres import issue_writes
 from reporting_endpoint.storage.postgres.values import clean_text
 from reporting_endpoint.storage.rows import FACT_COLUMNS, U64_FACTS, u64_to_db
@@ -130,7 +131,7 @@ async def _assign_issue(
     if event is None:
         return
     tally = issue_writes.Tally(issue)
-    tally.add(int(event[0]), event[2], issue_writes.crash_dims(event[1], event[2]))
+    tally.add(int(event[0]), event[2], crash_dims(event[1], event[2]))
     ids = await issue_writes.add(connection, {issue.fingerprint: tally}, now_ms)
     await connection.execute(
         "UPDATE crashes SET fingerprint = $1, issue_id = $2 WHERE id = $3",

@@ -18,16 +18,15 @@ import asyncpg
 
 from reporting_endpoint.issues.triage import IssueState, StatusChange, change_status
 from reporting_endpoint.records import IssueKey
+from reporting_endpoint.storage.issue_rows import crash_dims, status_of
 from reporting_endpoint.storage.postgres import issue_writes
 from reporting_endpoint.storage.postgres.issue_writes import (
     INSERT_HISTORY,
     ISSUE_LOCK_ORDER,
     Tally,
     arrays,
-    crash_dims,
     key_text,
     report_dims,
-    status_of,
 )
 from reporting_endpoint.storage.rows import (
     CRASH_COLUMNS,

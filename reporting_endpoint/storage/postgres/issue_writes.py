@@ -31,31 +31,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import orjson
 
 from reporting_endpoint.issues.fingerprint import path_shape
 from reporting_endpoint.issues.triage import (
-    STATUSES,
     SYSTEM_ACTOR,
     IssueState,
-    Status,
     after_events,
-    release_newer,
 )
 from reporting_endpoint.records import REPORT_BASE_WIDTH, IssueKey
 from reporting_endpoint.storage.filters import HOUR_MS
+from reporting_endpoint.storage.issue_rows import (
+    MAX_VALUE,
+    bounded,
+    crash_body_dims,
+    crash_dims,
+    has_body_dims,
+    newest,
+    oldest,
+    status_of,
+)
 from reporting_endpoint.storage.postgres.values import clean_text
 
 # The issue tables in the order every transaction takes them (after reports, the roll-ups
 # and crashes).
 ISSUE_LOCK_ORDER = ("issues", "issue_hourly", "issue_breakdown", "issue_history")
-# Breakdown values are attacker-controlled text: bounded, as in SQLite.
-MAX_VALUE = 200
-ISSUE_COLUMNS = (
-    "id", "fingerprint", "kind", "title", "site", "status", "resolved_in_release",
-    "ignore_until_ms", "ignore_until_count", "event_count", "first_seen", "last_seen",
-    "first_release", "last_release", "created_at", "status_changed_at",
-)  # fmt: skip
 
 # Positions in a NewReport.row() tuple.
 _FINGERPRINT, _TITLE, _RELEASE = REPORT_BASE_WIDTH, REPORT_BASE_WIDTH + 1, REPORT_BASE_WIDTH + 2
@@ -96,42 +95,10 @@ class Tally:
             self.dims[dim] = self.dims.get(dim, 0) + count
 
 
-def _bounded(value: object) -> str | None:
-    if value is None or value == "":
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text[:MAX_VALUE]
-
-
 @functools.lru_cache(maxsize=16384)
 def _path(url: str) -> str:
     # Cached: under load many reports come from the same pages.
     return path_shape(url)[:MAX_VALUE]
-
-
-def has_body_dims(raw: str) -> bool:
-    """Whether a crash report's raw JSON may carry body breakdown values (a substring test
-    spares a JSON parse for the rest)."""
-    return '"visibility_state"' in raw or '"is_top_level"' in raw
-
-
-def _crash_body_dims(raw: str) -> list[tuple[str, str]]:
-    if not has_body_dims(raw):
-        return []
-    try:
-        body = orjson.loads(raw).get("body")
-    except (orjson.JSONDecodeError, AttributeError):
-        return []
-    if not isinstance(body, dict):
-        return []
-    dims: list[tuple[str, str]] = []
-    visibility = body.get("visibility_state")
-    if isinstance(visibility, str) and visibility:
-        dims.append(("visibility_state", visibility[:MAX_VALUE]))
-    top = body.get("is_top_level")
-    if isinstance(top, bool):
-        dims.append(("is_top_level", "true" if top else "false"))
-    return dims
 
 
 def report_dims(
@@ -150,26 +117,17 @@ def _dims(
     dims = [
         (name, value)
         for name, value in (
-            ("browser", _bounded(browser)),
-            ("browser_major", _bounded(major)),
-            ("os", _bounded(os)),
-            ("release", _bounded(release)),
+            ("browser", bounded(browser)),
+            ("browser_major", bounded(major)),
+            ("os", bounded(os)),
+            ("release", bounded(release)),
             ("path", path),
         )
         if value is not None
     ]
     if kind == "crash" and isinstance(raw, str):
-        dims.extend(_crash_body_dims(raw))
+        dims.extend(crash_body_dims(raw))
     return dims
-
-
-def crash_dims(os: object, release: object) -> list[tuple[str, str]]:
-    """The breakdown values of one native crash."""
-    return [
-        (name, value)
-        for name, value in (("os", _bounded(os)), ("release", _bounded(release)))
-        if value is not None
-    ]
 
 
 def tally_reports(rows: Sequence[Sequence[object]]) -> dict[str, Tally]:
@@ -218,30 +176,6 @@ def tally_reports(rows: Sequence[Sequence[object]]) -> dict[str, Tally]:
             last,
         )
     return tallies
-
-
-def oldest(values: Iterable[str | None]) -> str | None:
-    best: str | None = None
-    for value in values:
-        if value is not None and (best is None or release_newer(best, value)):
-            best = value
-    return best
-
-
-def newest(values: Iterable[str | None]) -> str | None:
-    best: str | None = None
-    for value in values:
-        if value is not None and (best is None or release_newer(value, best)):
-            best = value
-    return best
-
-
-def status_of(value: object) -> Status:
-    """A stored status; anything else (written by another tool) reads as unresolved."""
-    for status in STATUSES:
-        if value == status:
-            return status
-    return "unresolved"
 
 
 def arrays(rows: Iterable[Sequence[object]], width: int) -> list[list[object]]:

@@ -9,39 +9,39 @@ scan of the reports. As in ``reads.py``, text is ordered ``COLLATE "C"`` (SQLite
 
 from __future__ import annotations
 
-import base64
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from reporting_endpoint.storage.base import (
-    DEFAULT_ISSUE_WINDOW_MS,
     ISSUE_SORTS,
     IssueFilters,
     IssuePage,
     IssueSort,
     Page,
 )
-from reporting_endpoint.storage.filters import HOUR_MS, Position
-from reporting_endpoint.storage.postgres.issue_writes import ISSUE_COLUMNS
+from reporting_endpoint.storage.filters import Position
+from reporting_endpoint.storage.issue_rows import (
+    BREAKDOWN_DIMENSIONS,
+    ISSUE_COLUMNS,
+    ISSUE_TOP,
+    PAGE_TOP,
+    attach_decorations,
+    decode_cursor,
+    encode_cursor,
+    history_json,
+    issue_json,
+    series_shape,
+    window,
+    window_hours,
+)
 from reporting_endpoint.storage.postgres.reads import PgPool
 from reporting_endpoint.storage.rows import (
     CRASH_COLUMNS,
     REPORT_COLUMNS,
     crash_row_to_dict,
     report_row_to_dict,
-    stored_time,
-    texts,
 )
 
-# Points of an issue's series at most: hourly up to a week, then buckets of whole days.
-MAX_SERIES_POINTS = 168
-# Breakdown values shown per dimension: on a page (browsers, OSes) and on one issue.
-PAGE_TOP = 5
-ISSUE_TOP = 20
-BREAKDOWN_DIMENSIONS = (
-    "browser", "browser_major", "os", "release", "path", "visibility_state", "is_top_level",
-)  # fmt: skip
 _ISSUE_SELECT = ", ".join(f"i.{name}" for name in ISSUE_COLUMNS)
 # The value each sort orders by (descending, then id descending), as SQL over the query below.
 _SORT_VALUE: dict[str, str] = {
@@ -67,75 +67,12 @@ def _bigint(value: int) -> bool:
     return _I64_MIN <= value <= _I64_MAX
 
 
-def window(since: int | None, until: int | None, now_ms: int | None = None) -> tuple[int, int]:
-    """The window [since, until) in ms: ``until`` defaults to now, ``since`` to a day before."""
-    end = (
-        until
-        if until is not None
-        else (now_ms if now_ms is not None else time.time_ns() // 1_000_000)
-    )
-    start = since if since is not None else end - DEFAULT_ISSUE_WINDOW_MS
-    if start >= end:
-        raise ValueError("since must be before until")
-    return start, end
-
-
-def _hours(start: int, end: int) -> tuple[int, int]:
-    """The whole hours a window covers (counters are hourly), inclusive."""
-    return start // HOUR_MS, (end - 1) // HOUR_MS
-
-
-def encode_cursor(value: int, issue_id: int) -> str:
-    return base64.urlsafe_b64encode(f"{value}:{issue_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[int, int]:
-    """The (sort value, id) of a cursor; ``ValueError`` for anything else."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        value, issue_id = text.split(":")
-        decoded = int(value), int(issue_id)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("not a cursor of this query") from exc
+def _decode_cursor(cursor: str) -> tuple[int, int]:
+    """The (sort value, id) of a cursor, both bigints; ``ValueError`` for anything else."""
+    decoded = decode_cursor(cursor)
     if not all(_bigint(part) for part in decoded):
         raise ValueError("not a cursor of this query")
     return decoded
-
-
-def _issue_json(row: Sequence[Any], window_count: int, previous_count: int) -> dict[str, Any]:
-    (iid, fingerprint, kind, title, site, status, resolved_in, ignore_until, ignore_count,
-     count, first_seen, last_seen, first_release, last_release, _created,
-     _changed) = texts(row)  # fmt: skip
-    return {
-        "id": iid,
-        "fingerprint": fingerprint,
-        "kind": kind,
-        "title": title,
-        "site": site,
-        "status": status,
-        "resolved_in_release": resolved_in,
-        "ignore_until": None if ignore_until is None else stored_time(ignore_until),
-        "ignore_until_count": ignore_count,
-        "count": count,
-        "window_count": window_count,
-        "previous_count": previous_count,
-        "change": (window_count / previous_count - 1) if previous_count else None,
-        "first_seen": stored_time(first_seen),
-        "last_seen": stored_time(last_seen),
-        "first_release": first_release,
-        "last_release": last_release,
-    }
-
-
-def _series_shape(first_hour: int, last_hour: int) -> tuple[int, int]:
-    """(hours per point, points): hourly up to ``MAX_SERIES_POINTS`` hours, else whole days,
-    as many days per point as keeps the series within the bound."""
-    hours = last_hour - first_hour + 1
-    if hours <= MAX_SERIES_POINTS:
-        return 1, hours
-    days = -(-hours // 24)
-    step = 24 * -(-days // MAX_SERIES_POINTS)
-    return step, -(-hours // step)
 
 
 async def _decorate(
@@ -150,8 +87,8 @@ async def _decorate(
     if not items:
         return
     ids = [item["id"] for item in items]
-    first_hour, last_hour = _hours(start, end)
-    step, points = _series_shape(first_hour, last_hour)
+    first_hour, last_hour = window_hours(start, end)
+    step, points = series_shape(first_hour, last_hour)
     series: dict[int, list[int]] = {iid: [0] * points for iid in ids}
     for iid, hour, count in await _fetch(
         pool,
@@ -175,16 +112,7 @@ async def _decorate(
         (ids, list(dimensions), top),
     ):
         breakdowns[iid][dimension].append({"value": value, "count": count})
-    for item in items:
-        item["series"] = series[item["id"]]
-        found = breakdowns[item["id"]]
-        if top == PAGE_TOP:
-            item["browsers"] = found["browser"]
-            item["os"] = found["os"]
-        else:
-            item["browsers"] = found["browser"][:PAGE_TOP]
-            item["os"] = found["os"][:PAGE_TOP]
-            item["breakdowns"] = found
+    attach_decorations(items, series, breakdowns, top)
 
 
 def _query(
@@ -194,7 +122,7 @@ def _query(
     value as the last column (``sv``)."""
     if sort not in ISSUE_SORTS:
         raise ValueError(f"no such sort: {sort!r}")
-    first_hour, last_hour = _hours(start, end)
+    first_hour, last_hour = window_hours(start, end)
     length = last_hour - first_hour + 1
     parameters: list[object] = [first_hour, last_hour, first_hour - length, first_hour - 1]
     clauses: list[str] = []
@@ -244,7 +172,7 @@ async def issues_page(
         return IssuePage((), None)
     n = len(parameters)
     if after is not None:
-        value, issue_id = decode_cursor(after)
+        value, issue_id = _decode_cursor(after)
         sql = f"SELECT * FROM ({sql}) AS q WHERE sv < ${n + 1} OR (sv = ${n + 1} AND id < ${n + 2})"
         parameters.extend([value, issue_id])
     else:
@@ -254,7 +182,7 @@ async def issues_page(
         pool, f"{sql} ORDER BY sv DESC, id DESC LIMIT ${len(parameters)}", parameters
     )
     width = len(ISSUE_COLUMNS)
-    items = [_issue_json(row[:width], row[width], row[width + 1]) for row in rows[:limit]]
+    items = [issue_json(row[:width], row[width], row[width + 1]) for row in rows[:limit]]
     await _decorate(pool, items, start, end, PAGE_TOP, ("browser", "os"))
     following = None
     if len(rows) > limit:
@@ -269,7 +197,7 @@ async def get_issue(
     start, end = window(since, until)
     if not _bigint(issue_id):
         return None
-    first_hour, last_hour = _hours(start, end)
+    first_hour, last_hour = window_hours(start, end)
     length = last_hour - first_hour + 1
     rows = await _fetch(
         pool,
@@ -284,24 +212,16 @@ async def get_issue(
     if not rows:
         return None
     width = len(ISSUE_COLUMNS)
-    item = _issue_json(rows[0][:width], rows[0][width], rows[0][width + 1])
+    item = issue_json(rows[0][:width], rows[0][width], rows[0][width + 1])
     await _decorate(pool, [item], start, end, ISSUE_TOP, BREAKDOWN_DIMENSIONS)
-    item["history"] = [
-        {
-            "at": stored_time(at),
-            "actor": actor,
-            "from": before,
-            "to": after,
-            "reason": reason,
-            "resolved_in_release": release,
-        }
-        for at, actor, before, after, reason, release in await _fetch(
+    item["history"] = history_json(
+        await _fetch(
             pool,
             "SELECT at, actor, from_status, to_status, reason, resolved_in_release"
             " FROM issue_history WHERE issue_id = $1 ORDER BY id",
             (issue_id,),
         )
-    ]
+    )
     return item
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from reporting_endpoint.issues.triage import IssueState, StatusChange, change_status
 from reporting_endpoint.records import IssueKey
+from reporting_endpoint.storage.issue_rows import status_of
 from reporting_endpoint.storage.rows import (
     CRASH_COLUMNS,
     REPORT_COLUMNS,
@@ -18,7 +19,6 @@ from reporting_endpoint.storage.rows import (
     texts,
 )
 from reporting_endpoint.storage.sqlite import issue_counts
-from reporting_endpoint.storage.sqlite.issue_counts import status_of
 from reporting_endpoint.storage.sqlite.issue_tally import (
     Tally,
     tally_crash_event,

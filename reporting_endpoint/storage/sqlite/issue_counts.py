@@ -16,13 +16,11 @@ from typing import Any
 import orjson
 
 from reporting_endpoint.issues.triage import (
-    STATUSES,
     SYSTEM_ACTOR,
     IssueState,
-    Status,
     after_events,
-    release_newer,
 )
+from reporting_endpoint.storage.issue_rows import ISSUE_COLUMNS, newest, oldest, status_of
 from reporting_endpoint.storage.sqlite.issue_tally import (
     CRASH_EVENT_COLUMNS,
     REPORT_EVENT_COLUMNS,
@@ -33,30 +31,9 @@ from reporting_endpoint.storage.sqlite.issue_tally import (
 
 # SQLite's default bound on host parameters is 32766; stay far below it.
 _CHUNK = 500
-ISSUE_COLUMNS = (
-    "id", "fingerprint", "kind", "title", "site", "status", "resolved_in_release",
-    "ignore_until_ms", "ignore_until_count", "event_count", "first_seen", "last_seen",
-    "first_release", "last_release", "created_at", "status_changed_at",
-)  # fmt: skip
 _ISSUE_SELECT = ", ".join(ISSUE_COLUMNS)
 # Statuses that new events never change: their issues only count.
 _ONLY_COUNTED = frozenset({"unresolved", "regressed"})
-
-
-def _oldest(values: Iterable[str | None]) -> str | None:
-    best: str | None = None
-    for value in values:
-        if value is not None and (best is None or release_newer(best, value)):
-            best = value
-    return best
-
-
-def _newest(values: Iterable[str | None]) -> str | None:
-    best: str | None = None
-    for value in values:
-        if value is not None and (best is None or release_newer(value, best)):
-            best = value
-    return best
 
 
 def issues_by_fingerprint(
@@ -124,14 +101,14 @@ def add(
             created.append(
                 (
                     fingerprint, key.kind, key.title, key.site, tally.count, tally.first,
-                    tally.last, _oldest(tally.releases), _newest(tally.releases), now_ms,
+                    tally.last, oldest(tally.releases), newest(tally.releases), now_ms,
                 )
             )  # fmt: skip
             continue
         issue_id = int(row[0])
         ids[fingerprint] = issue_id
-        first_release = _oldest([row[12], *tally.releases]) if tally.releases else row[12]
-        last_release = _newest([row[13], *tally.releases]) if tally.releases else row[13]
+        first_release = oldest([row[12], *tally.releases]) if tally.releases else row[12]
+        last_release = newest([row[13], *tally.releases]) if tally.releases else row[13]
         status = status_of(row[5])
         if not triage or status in _ONLY_COUNTED:
             # The common case under load: the events only count (no triage state to move).
@@ -282,7 +259,7 @@ def settle(connection: sqlite3.Connection, issue_ids: Iterable[int], table: str)
         connection.execute(
             "UPDATE issues SET first_seen = ?, last_seen = ?, event_count = ?,"
             " first_release = ?, last_release = ? WHERE id = ?",
-            (row[0], row[1], row[2], _oldest(releases), _newest(releases), issue_id),
+            (row[0], row[1], row[2], oldest(releases), newest(releases), issue_id),
         )
 
 
@@ -312,11 +289,3 @@ def forget_events(
             tally_event(tally, row[1:])
     subtract(connection, tallies)
     return set(tallies)
-
-
-def status_of(value: object) -> Status:
-    """A stored status; anything else (written by another tool) reads as unresolved."""
-    for status in STATUSES:
-        if value == status:
-            return status
-    return "unresolved"

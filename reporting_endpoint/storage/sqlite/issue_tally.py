@@ -13,17 +13,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from reporting_endpoint.issues.fingerprint import path_shape
 from reporting_endpoint.records import IssueKey
 from reporting_endpoint.storage.filters import HOUR_MS
+from reporting_endpoint.storage.issue_rows import (
+    MAX_VALUE,
+    bounded,
+    crash_body_dims,
+    crash_dims,
+)
 
 # Positions in a NewReport.row() tuple.
 _FINGERPRINT, _TITLE, _RELEASE = 13, 14, 15
-# Breakdown values are attacker-controlled text: bounded, so one odd user agent or release
-# cannot bloat the table or the page.
-MAX_VALUE = 200
 # The columns a report's tally reads, the same from a NewReport.row() and from the table.
 REPORT_EVENT_COLUMNS = "received_at, type, url, browser, browser_major, os, raw, release"
 CRASH_EVENT_COLUMNS = "received_at, os, release"
@@ -55,13 +56,6 @@ class Tally:
             self.dims[dim] = self.dims.get(dim, 0) + 1
 
 
-def _bounded(value: object) -> str | None:
-    if value is None or value == "":
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text[:MAX_VALUE]
-
-
 def path_dim(url: object) -> tuple[str, str] | None:
     """The ``path`` breakdown value of a report's URL (``path_shape`` caches repeated URLs,
     and the fingerprint of a crash report computed the same shape moments before)."""
@@ -76,36 +70,13 @@ def _plain_dims(
     return [
         (name, value)
         for name, value in (
-            ("browser", _bounded(browser)),
-            ("browser_major", _bounded(major)),
-            ("os", _bounded(os)),
-            ("release", _bounded(release)),
+            ("browser", bounded(browser)),
+            ("browser_major", bounded(major)),
+            ("os", bounded(os)),
+            ("release", bounded(release)),
         )
         if value is not None
     ]
-
-
-def crash_body_dims(raw: object) -> list[tuple[str, str]]:
-    """The ``visibility_state`` and ``is_top_level`` values of a W3C crash report's body."""
-    # Only W3C crash bodies carry these; the substring test spares a JSON parse for the rest.
-    if not isinstance(raw, str):
-        return []
-    if '"visibility_state"' not in raw and '"is_top_level"' not in raw:
-        return []
-    try:
-        body = orjson.loads(raw).get("body")
-    except (orjson.JSONDecodeError, AttributeError):
-        return []
-    if not isinstance(body, dict):
-        return []
-    dims: list[tuple[str, str]] = []
-    visibility = body.get("visibility_state")
-    if isinstance(visibility, str) and visibility:
-        dims.append(("visibility_state", visibility[:MAX_VALUE]))
-    top = body.get("is_top_level")
-    if isinstance(top, bool):
-        dims.append(("is_top_level", "true" if top else "false"))
-    return dims
 
 
 def report_dims(
@@ -120,15 +91,6 @@ def report_dims(
     if kind == "crash":
         dims.extend(crash_body_dims(raw))
     return dims
-
-
-def crash_dims(os: object, release: object) -> list[tuple[str, str]]:
-    """The breakdown values of one native crash."""
-    return [
-        (name, value)
-        for name, value in (("os", _bounded(os)), ("release", _bounded(release)))
-        if value is not None
-    ]
 
 
 def tally_report_event(tally: Tally, event: Sequence[Any]) -> None:
