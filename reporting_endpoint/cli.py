@@ -26,7 +26,7 @@ SETTING_HELP: dict[str, str] = {
     "host": "address to bind (default 127.0.0.1)",
     "port": "port to bind (default 8000)",
     "db": "SQLite file, created when missing (default reports.sqlite3)",
-    "database": "database URL, beats --db: a SQLite path or sqlite:///path",
+    "database": "database, beats --db: a SQLite path, sqlite:///path or postgresql://...",
     "blob_store": "where dumps go: a folder, or s3://bucket/prefix (default: beside the database)",
     "ssl_certfile": "TLS certificate chain (PEM); serve HTTPS with --ssl-keyfile",
     "ssl_keyfile": "TLS private key (PEM)",
@@ -181,7 +181,7 @@ def _header(args: argparse.Namespace, out: TextIO) -> int:
 
 
 STORE_COMMANDS = {"export": "export", "stats": "stats", "prune": "prune", "delete": "delete_one"}
-_DATABASE_HELP = "database URL, beats --db: a SQLite path or sqlite:///path"
+_DATABASE_HELP = "database, beats --db: a SQLite path, sqlite:///path or postgresql://..."
 _BLOB_STORE_HELP = "where the dumps are: a folder, or s3://bucket/prefix (as serve's)"
 
 
@@ -328,8 +328,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"reporting-endpoint {args.command}: {exc}", file=sys.stderr)
         return 2
     except (StorageError, StorageFailure) as exc:  # e.g. a corrupt or locked database
+        from reporting_endpoint.storage import shown_database
+
         db = getattr(args, "database", None) or getattr(args, "db", None)
-        print(f"reporting-endpoint {args.command}: cannot use {db}: {exc}", file=sys.stderr)
+        shown = shown_database(str(db)) if db is not None else db
+        print(f"reporting-endpoint {args.command}: cannot use {shown}: {exc}", file=sys.stderr)
         return 1
     return 2
 

@@ -157,11 +157,9 @@ def _store_identity(spec: str, data_dir: Path) -> str:
 
 def _shown(database: str) -> str:
     """The database for a message, without a password."""
-    if sqlite_file(database) is not None:
-        return database
-    from reporting_endpoint.storage.postgres import display_url
+    from reporting_endpoint.storage import shown_database
 
-    return display_url(database)
+    return shown_database(database)
 
 
 # --- the blobs a crash row uses -------------------------------------------------------------

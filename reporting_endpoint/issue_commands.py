@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 CLI_ACTOR = "cli"
 TITLE_WIDTH = 80
 ISSUE_ACTIONS = ("list", "show", "resolve", "ignore", "reopen")
-_DATABASE_HELP = "database URL, beats --db: a SQLite path or sqlite:///path"
+_DATABASE_HELP = "database, beats --db: a SQLite path, sqlite:///path or postgresql://..."
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

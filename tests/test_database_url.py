@@ -126,3 +126,11 @@ def test_crash_export_pages_by_time_then_id(tmp_path: Path) -> None:
     exported = asyncio.run(scenario())
     expected = sorted(ids, key=lambda i: (1_000 + (6 - ids.index(i)) // 3, i))
     assert exported == expected
+
+
+def test_messages_show_a_server_database_without_its_password() -> None:
+    from reporting_endpoint.storage import shown_database
+
+    assert "secret" not in shown_database("postgresql://u:secret@db.internal/r")
+    assert "secret" not in shown_database("postgresql://u@/r?host=/s&password=secret")
+    assert shown_database("reports.sqlite3") == "reports.sqlite3"

@@ -447,6 +447,28 @@ def test_window_forgets_keys_past_the_horizon() -> None:
     assert not window.seen(old) and len(window) == 2
 
 
+def test_window_never_holds_a_key_already_past_the_horizon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale key (the schema allows ages of days) must cost nothing: holding it would make
+    every such add sort all buckets to expire it again."""
+    import reporting_endpoint.issues.duplicates as duplicates
+
+    sorts: list[int] = []
+
+    def counting_sorted(items: Any) -> list[Any]:
+        sorts.append(1)
+        return sorted(items)
+
+    monkeypatch.setattr(duplicates, "sorted", counting_sorted, raising=False)
+    window = DuplicateWindow(tolerance_ms=500, horizon_ms=60_000)
+    window.add(DuplicateKey(b"n" * 16, NOW), NOW)
+    for i in range(100):
+        window.add(DuplicateKey(i.to_bytes(16, "little"), NOW - 3_600_000 - i), NOW)
+    assert len(window) == 1
+    assert sorts == []
+
+
 def test_window_is_bounded_and_drops_the_oldest_first() -> None:
     window = DuplicateWindow(tolerance_ms=100, max_entries=1_000)
     keys = [DuplicateKey(i.to_bytes(16, "little"), NOW + i * 10) for i in range(5_000)]

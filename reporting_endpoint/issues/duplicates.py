@@ -112,8 +112,14 @@ class DuplicateWindow:
         return False
 
     def add(self, key: DuplicateKey, now_ms: int) -> None:
-        """Remember ``key``; forget what is older than the horizon or over the size bound."""
+        """Remember ``key``; forget what is older than the horizon or over the size bound.
+
+        A key already past the horizon is not held: it would expire at once, and each such
+        add would make ``_expire`` sort every bucket (a cheap way to burn CPU: the schema
+        allows ages of days)."""
         bucket = key.generated_at // self.tolerance_ms
+        if bucket < (now_ms - self.horizon_ms) // self.tolerance_ms:
+            return
         self._buckets.setdefault(bucket, {}).setdefault(key.digest, []).append(key.generated_at)
         self._size += 1
         if self._oldest is None or bucket < self._oldest:

@@ -72,6 +72,7 @@ __all__ = [
     "WriterHealth",
     "check_database",
     "open_storage",
+    "shown_database",
 ]
 
 
@@ -90,6 +91,15 @@ def __getattr__(name: str) -> Any:
 
 # URL schemes of a PostgreSQL server (libpq accepts both).
 POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
+
+
+def shown_database(database: str) -> str:
+    """``database`` as a message may show it: a server URL without its password."""
+    if _is_postgres(database):
+        from reporting_endpoint.storage.postgres import display_url
+
+        return display_url(database)
+    return database
 
 
 def _is_postgres(database: str) -> bool:
