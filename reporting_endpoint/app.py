@@ -20,7 +20,20 @@ from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
 from reporting_endpoint.errors import EXCEPTION_HANDLERS
 from reporting_endpoint.grouping import warm_up
 from reporting_endpoint.health import HealthEndpoint
-from reporting_endpoint.middleware import BodyLimitMiddleware, CORSMiddleware
+from reporting_endpoint.intake import RateLimitMiddleware, TokenBuckets
+from reporting_endpoint.metrics import (
+    Endpoint,
+    MetricsEndpoint,
+    ScrapeHook,
+    queue_depth,
+    worker_exiting,
+)
+from reporting_endpoint.middleware import (
+    BodyLimitMiddleware,
+    CORSMiddleware,
+    Responder,
+    json_rejection,
+)
 from reporting_endpoint.reports import ReportsEndpoint
 from reporting_endpoint.retention import retention_loop
 from reporting_endpoint.settings import Settings
@@ -63,23 +76,49 @@ def service_lifespan(
                 await analyzer.stop()
                 # Drains the queue: every report already accepted is committed before exit.
                 await storage.stop()
+                worker_exiting()
         finally:
             await blobs.close()
 
     return lifespan
 
 
-def routes(settings: Settings, storage: Storage, analyzer: DumpAnalyzer) -> list[BaseRoute]:
+def _rate_limits(settings: Settings, respond: Responder, endpoint: Endpoint) -> list[Middleware]:
+    if not settings.rate_limit_per_minute:
+        return []
+    # One set of buckets per endpoint: a flood of browser reports does not use up the
+    # allowance of crash uploads from the same address.
+    buckets = TokenBuckets(
+        settings.rate_limit_per_minute,
+        settings.rate_limit_burst or settings.rate_limit_per_minute,
+    )
+    return [Middleware(RateLimitMiddleware, buckets=buckets, respond=respond, endpoint=endpoint)]
+
+
+def routes(
+    settings: Settings,
+    storage: Storage,
+    analyzer: DumpAnalyzer,
+    scrape_hooks: list[ScrapeHook] | None = None,
+) -> list[BaseRoute]:
     # One rule set for reports and crashes, loaded with the analyzer's (create_app).
     reports = ReportsEndpoint(settings, default_validator(), storage, analyzer.rules)
     crashpad = CrashpadEndpoint(settings, storage, analyzer.blobs, analyzer.stored)
     health = HealthEndpoint(storage)
+
+    async def queue_now() -> None:
+        queue_depth(storage.health().queue_depth)
+
+    hooks = scrape_hooks if scrape_hooks is not None else []
+    hooks.insert(0, queue_now)
     ingest_middleware = [
         Middleware(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
             max_age=settings.cors_max_age,
         ),
+        # Inside CORS, so that a 429 carries the CORS headers; before the body is read.
+        *_rate_limits(settings, json_rejection, "reports"),
         Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
     ]
     return [
@@ -89,14 +128,17 @@ def routes(settings: Settings, storage: Storage, analyzer: DumpAnalyzer) -> list
             crashpad,
             methods=["POST"],
             middleware=[
+                *_rate_limits(settings, discarded, "crashpad"),
                 Middleware(
                     BodyLimitMiddleware,
                     max_bytes=settings.crashpad_max_body_bytes,
                     respond=discarded,
-                )
+                    endpoint="crashpad",
+                ),
             ],
         ),
         Route("/healthz", health.handle, methods=["GET"]),
+        Route("/metrics", MetricsEndpoint(settings.metrics_token, hooks), methods=["GET"]),
         Mount(
             "/api",
             routes=api_routes(storage, analyzer.blobs),
@@ -122,8 +164,11 @@ def create_app(
     # (SettingsError naming the file, the rule and the problem).
     rules = settings.fingerprint_rule_set()
     analyzer = DumpAnalyzer(storage, blobs, rules)
+    # Async callbacks /metrics awaits before it renders, to set gauges from a storage read;
+    # add to app.state.metrics_hooks (README "Metrics").
+    scrape_hooks: list[ScrapeHook] = []
     app = Starlette(
-        routes=routes(settings, storage, analyzer),
+        routes=routes(settings, storage, analyzer, scrape_hooks),
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=service_lifespan(storage, analyzer, settings.retention_days, tune_gc),
     )
@@ -131,6 +176,7 @@ def create_app(
     app.state.storage = storage
     app.state.analyzer = analyzer
     app.state.blobs = blobs
+    app.state.metrics_hooks = scrape_hooks
     return app
 
 

@@ -64,11 +64,21 @@ SETTING_HELP: dict[str, str] = {
     " this many ms of it is a retry, counted once; 0 turns it off (default 500)",
     "duplicate_window_minutes": "how long received reports are remembered to recognise"
     " retries, in minutes of generation time (default 20)",
+    "metrics_token": "bearer token for GET /metrics (default: /metrics is open)",
+    "allowed_sites": "comma-separated sites whose reports are stored; others are answered"
+    " 200 and counted, not stored (default: every site)",
+    "sample_rates": "comma-separated type=rate, e.g. csp-violation=0.1: the share of that"
+    " type's reports stored (default: all)",
+    "rate_limit_per_minute": "uploads a minute per client address and endpoint; over it 429"
+    " (default 0: no limit)",
+    "rate_limit_burst": "uploads one address may send at once (default: a minute's worth)",
 }
 _CHOICES = {
     "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],
     "log_level": ["critical", "error", "warning", "info", "debug", "trace"],
 }
+# Tuple settings that are not origins.
+_METAVAR_OF = {"allowed_sites": "SITES", "sample_rates": "TYPE=RATE,..."}
 _METAVARS = {
     "int": "N",
     "int | None": "DAYS",
@@ -114,7 +124,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in _CHOICES:
             options["choices"] = _CHOICES[f.name]
         else:
-            options["metavar"] = _METAVARS.get(type_name, f.name.rsplit("_", 1)[-1].upper())
+            options["metavar"] = _METAVAR_OF.get(f.name) or _METAVARS.get(
+                type_name, f.name.rsplit("_", 1)[-1].upper()
+            )
         parser.add_argument(flag, type=_flag_type(type_name), **options)
 
 

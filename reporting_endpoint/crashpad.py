@@ -19,6 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from reporting_endpoint import metrics
 from reporting_endpoint.blobstores import BlobStore, BlobStoreError, BlobWriter, StoredBlob
 from reporting_endpoint.blobstores.base import key_for
 from reporting_endpoint.errors import RequestRejected
@@ -198,17 +199,21 @@ class CrashpadEndpoint:
         try:
             crash = await self.ingest(scope, receive)
         except UploadRejected as exc:
+            metrics.request_rejected("crashpad", exc.code)
             await send_text(send, exc.status, f"Discarded={exc.code}")
             return
         except StorageError as exc:
+            metrics.request_rejected("crashpad", exc.code)
             await send_text(send, 503, f"Discarded={exc.code}", {"Retry-After": "60"})
             return
         except (BlobStoreError, OSError) as exc:
             # The bucket or the disk failed (full, unreachable): nothing was committed.
             log.warning("upload refused: the blob store failed: %s", exc)
             code = exc.code if isinstance(exc, BlobStoreError) else BlobStoreError.code
+            metrics.request_rejected("crashpad", code)
             await send_text(send, 503, f"Discarded={code}", {"Retry-After": "60"})
             return
+        metrics.crash_stored(crash.upload_bytes)
         await send_text(send, 200, crash.id)  # no trailing newline: it becomes the id verbatim
         if self.on_stored is not None:
             self.on_stored(crash)

@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reporting_endpoint import metrics
 from reporting_endpoint.errors import RequestRejected, error_response
 
 Responder = Callable[[RequestRejected], Response]
 
 
-def _json_rejection(exc: RequestRejected) -> Response:
+def json_rejection(exc: RequestRejected) -> Response:
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
@@ -31,10 +32,17 @@ class BodyLimitMiddleware:
     which answers in its own format; a declared overflow is answered here by ``respond``.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, respond: Responder = _json_rejection) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        respond: Responder = json_rejection,
+        endpoint: metrics.Endpoint = "reports",
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.respond = respond
+        self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,12 +55,14 @@ class BodyLimitMiddleware:
                 problem = RequestRejected(
                     400, "bad_content_length", "Content-Length is not a number"
                 )
+                metrics.request_rejected(self.endpoint, problem.code)
                 await self.respond(problem)(scope, receive, send)
                 return
             if int(declared) > limit:
                 problem = RequestRejected(
                     413, "body_too_large", f"the body is larger than {limit} bytes"
                 )
+                metrics.request_rejected(self.endpoint, problem.code)
                 await self.respond(problem)(scope, receive, send)
                 return
 
@@ -110,6 +120,7 @@ class CORSMiddleware:
             await self._preflight(origin, allowed)(scope, receive, send)
             return
         if origin is not None and allowed is None:
+            metrics.request_rejected("reports", "origin_not_allowed")
             refused = error_response(
                 403, "origin_not_allowed", "this origin may not send reports here"
             )
@@ -236,7 +247,7 @@ def _respond_by_path(path: str) -> Responder:
         from reporting_endpoint.crashpad import discarded
 
         return _with_close(discarded)
-    return _json_rejection
+    return json_rejection
 
 
 def _with_close(respond: Responder) -> Responder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -12,6 +13,7 @@ from typing import Any, NamedTuple
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from reporting_endpoint import intake, metrics
 from reporting_endpoint.errors import RequestRejected, error_response
 from reporting_endpoint.grouping import parse_user_agent, strip_body_urls, url_parts
 from reporting_endpoint.issues.duplicates import (
@@ -238,11 +240,17 @@ class ReportsEndpoint:
             if settings.duplicate_tolerance_ms > 0
             else None
         )
+        # Intake rules (README "Intake rules"): None when off, so the common path tests one
+        # attribute and nothing else.
+        self.allowed = intake.allowed_site_hosts(settings.allowed_sites) or None
+        self.sample_rates = intake.parse_sample_rates(settings.sample_rates) or None
+        self.random = random.random
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             summary = await self.ingest(scope, receive)
         except RequestRejected as exc:
+            metrics.request_rejected("reports", exc.code)
             await error_response(exc.status, exc.code, exc.message, exc.headers)(
                 scope, receive, send
             )
@@ -296,6 +304,9 @@ class ReportsEndpoint:
         # Keys of the reports stored by this upload, remembered once they are committed.
         keys: list[DuplicateKey] = []
         retries = 0
+        # Reports answered 2xx but not stored: (type label, outcome) -> count.
+        dropped: dict[tuple[str, metrics.Outcome], int] = {}
+        allowed, rates = self.allowed, self.sample_rates
         check = self.validator.check
         for index, report in enumerate(batch):
             problem = check(report)
@@ -308,6 +319,14 @@ class ReportsEndpoint:
                     # orjson reads 1024 levels but writes 254: a valid report can be unstorable.
                     problem = TOO_DEEP
                 else:
+                    if allowed is not None and not intake.site_allowed(record.site, allowed):
+                        intake.tally(dropped, record.type, "site_not_allowed")
+                        continue
+                    if rates is not None:
+                        rate = rates.get(record.type)
+                        if rate is not None and self.random() >= rate:
+                            intake.tally(dropped, record.type, "sampled_out")
+                            continue
                     # A report made before the window's horizon is never held (adding one
                     # would only make the window sort its buckets to drop it again at once).
                     if window is not None and record.generated_at >= horizon:
@@ -316,10 +335,15 @@ class ReportsEndpoint:
                             # A retry of a report already committed: the browser only needs
                             # its 2xx again. Counted as accepted (README "Retries").
                             retries += 1
+                            intake.tally(dropped, record.type, "duplicate")
                             continue
                         keys.append(key)
                     accepted.append(record)
                     continue
+            if allowed is not None and intake.off_site(report, allowed):
+                # Junk from elsewhere is not kept in quarantine either.
+                intake.tally(dropped, intake.type_of(report), "site_not_allowed")
+                continue
             quarantine.append(quarantined(report, problem, received_at, keep_query))
             rejected.append(
                 {
@@ -353,7 +377,12 @@ class ReportsEndpoint:
             # duplicate, or the browser's second delivery would be dropped too.
             for key in keys:
                 window.add(key, received_at)
-        return {"accepted": len(accepted) + retries, "rejected": rejected}
+        intake.count_upload(accepted, quarantine, dropped)
+        summary: dict[str, Any] = {"accepted": len(accepted) + retries, "rejected": rejected}
+        not_stored = intake.by_outcome(dropped)
+        if not_stored:
+            summary["dropped"] = not_stored
+        return summary
 
 
 def retry_key(

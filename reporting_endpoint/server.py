@@ -17,7 +17,8 @@ already merged), the app is a module-level factory bound to those settings, and 
 a module-level class that reads its deadline from the config it is given. Each worker builds
 its own app and therefore its own storage writer; the parent only prepares the database once
 before the workers start, and on SIGINT/SIGTERM tells every worker to stop, each draining its
-queue, and waits for all of them.
+queue, and waits for all of them. Their metrics meet in a folder of per-process value files
+that the parent makes for the run (``metrics.multiprocess_dir``).
 """
 
 from __future__ import annotations
@@ -243,8 +244,13 @@ def serve(settings: Settings) -> None:
     # uvicorn.run does the same: Ctrl-C (SIGINT) is the normal way to stop, not an error.
     with contextlib.suppress(KeyboardInterrupt):
         if settings.workers > 1:
+            from reporting_endpoint.metrics import multiprocess_dir
+
             prepare_database(settings)
-            _supervise(ServiceConfig(settings))
+            # Set before the workers start, so that each creates its collectors over files in
+            # it and a scrape of any worker sums them all (README "Metrics").
+            with multiprocess_dir():
+                _supervise(ServiceConfig(settings))
         else:
             # Built here, so that a setting it refuses reaches the command line as an error.
             app = wrap(create_app(settings, tune_gc=True), settings)

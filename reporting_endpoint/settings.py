@@ -93,6 +93,19 @@ class Settings:
     # How far back (in generation time) received reports are remembered for that test; a
     # browser gives up on a report 15 minutes after it was made.
     duplicate_window_minutes: int = 20
+    # Metrics and intake (README "Metrics", "Intake rules: allow-list, sampling, rate limits").
+    # Unset: /metrics is open, as Prometheus scrapes it on an internal network; it holds counts
+    # only (no site, URL or user agent), but a public service should set it.
+    metrics_token: str | None = field(default=None, repr=False)
+    # Registrable domains (or URLs, or hosts) whose reports are stored; others are answered
+    # 2xx, so browsers do not retry them, and counted, not stored. Empty: every site.
+    allowed_sites: tuple[str, ...] = ()
+    # type=rate entries, e.g. csp-violation=0.1: the share of that type's reports stored.
+    sample_rates: tuple[str, ...] = ()
+    # Uploads a minute per client address and endpoint (0: no limit), and how many may come
+    # at once after a quiet spell (0: as many as a minute's worth).
+    rate_limit_per_minute: int = 0
+    rate_limit_burst: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -141,8 +154,25 @@ class Settings:
             scheme, _, rest = self.blob_store.partition("://")
             if scheme != "s3" or not rest.split("/", 1)[0]:
                 raise SettingsError("blob_store is a folder path or s3://bucket/prefix")
+        self._check_intake()
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise SettingsError("ssl_certfile and ssl_keyfile go together")
+
+    def _check_intake(self) -> None:
+        from reporting_endpoint.intake import IntakeError, allowed_site_hosts, parse_sample_rates
+
+        try:
+            allowed_site_hosts(self.allowed_sites)
+        except IntakeError as exc:
+            raise SettingsError(f"allowed_sites: {exc}") from None
+        try:
+            parse_sample_rates(self.sample_rates)
+        except IntakeError as exc:
+            raise SettingsError(f"sample_rates: {exc}") from None
+        if self.rate_limit_per_minute < 0 or self.rate_limit_burst < 0:
+            raise SettingsError("rate_limit_per_minute and rate_limit_burst must not be negative")
+        if self.metrics_token is not None and not self.metrics_token.strip():
+            raise SettingsError("metrics_token must not be empty (or unset to leave /metrics open)")
 
     @property
     def database_url(self) -> str:

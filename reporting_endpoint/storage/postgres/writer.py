@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from reporting_endpoint import metrics
 from reporting_endpoint.records import NewReport, RejectedReport
 from reporting_endpoint.storage.base import (
     QueueFull,
@@ -330,6 +331,7 @@ class PostgresWriter:
             group.append(item)
             rows += _size(item)
         self._pending_rows -= rows
+        metrics.queue_depth(self._pending_rows)
         return group
 
     # --- transactions -----------------------------------------------------------------
@@ -408,6 +410,7 @@ class PostgresWriter:
     async def _write(
         self, rows: list[tuple[object, ...]], rejected: list[tuple[object, ...]]
     ) -> None:
+        started = time.perf_counter()
         days = {int(row[0]) // DAY_MS for row in rows}  # type: ignore[call-overload]
         await self._ensure_days(days)
 
@@ -423,6 +426,7 @@ class PostgresWriter:
             self._days -= days
             await self._ensure_days(days, force=True)
             await self._transaction(work, self.limits.transaction_timeout)
+        metrics.commit_observed(time.perf_counter() - started, len(rows) + len(rejected))
 
     async def _commit_group(self, group: list[_Pending]) -> None:
         rows = [row for item in group for row in item.rows]

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from reporting_endpoint import metrics
 from reporting_endpoint.records import NewReport, RejectedReport
 from reporting_endpoint.storage.base import (
     QueueFull,
@@ -365,6 +366,7 @@ class SQLiteWriter:
             group.append(item)
             rows += _size(item)
         self._pending_rows -= rows
+        metrics.queue_depth(self._pending_rows)
         return group
 
     async def _commit_group(self, group: list[_Pending]) -> None:
@@ -408,6 +410,7 @@ class SQLiteWriter:
         # against 0.3 ms inline). COMMIT, which may fsync, goes to the writer thread.
         connection = self._write_conn
         assert connection is not None
+        started = time.perf_counter()
         await self._begin(connection)
         try:
             # The time triage compares an ignore's end with (not the reports' own times: a
@@ -421,6 +424,7 @@ class SQLiteWriter:
             with contextlib.suppress(Exception):
                 connection.execute("ROLLBACK")
             raise
+        metrics.commit_observed(time.perf_counter() - started, len(rows) + len(rejected))
         self._crashes = 0
 
 
