@@ -64,6 +64,9 @@ SETTING_HELP: dict[str, str] = {
     " this many ms of it is a retry, counted once; 0 turns it off (default 500)",
     "duplicate_window_minutes": "how long received reports are remembered to recognise"
     " retries, in minutes of generation time (default 20)",
+    "secret_key": "key that signs dashboard session cookies, 32+ characters (default: one"
+    " generated and kept in the data folder); prefer the environment variable",
+    "session_max_age": "seconds a dashboard session lasts (default 43200)",
 }
 _CHOICES = {
     "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],
