@@ -17,6 +17,7 @@ from reporting_endpoint.analysis import DumpAnalyzer
 from reporting_endpoint.api import BearerTokenMiddleware, api_routes
 from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
 from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
+from reporting_endpoint.dashboard import dashboard_routes
 from reporting_endpoint.errors import EXCEPTION_HANDLERS
 from reporting_endpoint.grouping import warm_up
 from reporting_endpoint.health import HealthEndpoint
@@ -144,6 +145,7 @@ def routes(
             routes=api_routes(storage, analyzer.blobs),
             middleware=[Middleware(BearerTokenMiddleware, token=settings.read_token)],
         ),
+        *dashboard_routes(settings, storage, analyzer.blobs),
     ]
 
 

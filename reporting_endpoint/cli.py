@@ -72,6 +72,9 @@ SETTING_HELP: dict[str, str] = {
     "rate_limit_per_minute": "uploads a minute per client address and endpoint; over it 429"
     " (default 0: no limit)",
     "rate_limit_burst": "uploads one address may send at once (default: a minute's worth)",
+    "secret_key": "key that signs dashboard session cookies, 32+ characters (default: one"
+    " generated and kept in the data folder); prefer the environment variable",
+    "session_max_age": "seconds a dashboard session lasts (default 43200)",
 }
 _CHOICES = {
     "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],

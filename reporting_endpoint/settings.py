@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 ENV_PREFIX = "REPORTING_ENDPOINT_"
 
 MiB = 1024 * 1024
+# A signing key shorter than this is guessable offline from one signed cookie.
+MIN_SECRET_KEY = 32
+# A dashboard session lasts a year at most.
+MAX_SESSION_AGE = 366 * 86400
 # The data folder when the database is a server and no blob_store folder is named (README).
 SERVER_DATA_DIR = Path("reporting-endpoint.data")
 
@@ -106,6 +110,12 @@ class Settings:
     # at once after a quiet spell (0: as many as a minute's worth).
     rate_limit_per_minute: int = 0
     rate_limit_burst: int = 0
+    # Dashboard (README "Dashboard"): the key that signs session cookies. Unset: one is
+    # generated once and kept in the data folder (mode 0600), so every worker on this data
+    # folder agrees; several hosts need the same value set here.
+    secret_key: str | None = field(default=None, repr=False)
+    # Seconds a dashboard session lasts from its login.
+    session_max_age: int = 43200
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -135,6 +145,13 @@ class Settings:
             raise SettingsError("duplicate_tolerance_ms must not be negative (0 turns it off)")
         if self.duplicate_window_minutes <= 0:
             raise SettingsError("duplicate_window_minutes must be positive")
+        if self.secret_key is not None and len(self.secret_key) < MIN_SECRET_KEY:
+            # Never the value itself in the message: it may end up in a log.
+            raise SettingsError(
+                f"secret_key must be at least {MIN_SECRET_KEY} characters (unset: one is made)"
+            )
+        if not 60 <= self.session_max_age <= MAX_SESSION_AGE:
+            raise SettingsError(f"session_max_age must be 60..{MAX_SESSION_AGE} seconds")
         if self.release_source is not None:
             # Parsed here (pure, cheap) so that a bad value stops the service at start, with
             # the setting's name, wherever the settings come from.

@@ -131,7 +131,8 @@ DEFAULT_ISSUE_WINDOW_MS = 86_400_000
 class IssueFilters:
     """Which issues ``issues_page`` lists, and the window it counts in (ms since the epoch;
     ``since`` None: the last 24 hours; ``until`` None: now). ``release``, ``browser`` and
-    ``os`` keep the issues that have that value in their breakdown."""
+    ``os`` keep the issues that have that value in their breakdown; ``first_seen_since``
+    keeps those first seen at or after that time (the dashboard's new issues)."""
 
     status: str | None = None
     kind: str | None = None
@@ -141,6 +142,7 @@ class IssueFilters:
     os: str | None = None
     since: int | None = None
     until: int | None = None
+    first_seen_since: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

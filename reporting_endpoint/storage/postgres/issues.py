@@ -140,6 +140,8 @@ def _query(
     ):  # fmt: skip
         if value is not None:
             clauses.append(f"i.{column} = {arg(value)}")
+    if filters.first_seen_since is not None:
+        clauses.append(f"i.first_seen >= {arg(filters.first_seen_since)}")
     for dimension, value in (
         ("release", filters.release), ("browser", filters.browser), ("os", filters.os)
     ):  # fmt: skip

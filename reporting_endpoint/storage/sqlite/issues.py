@@ -126,6 +126,9 @@ def _query(
         if value is not None:
             clauses.append(f"i.{column} = ?")
             parameters.append(value)
+    if filters.first_seen_since is not None:
+        clauses.append("i.first_seen >= ?")
+        parameters.append(filters.first_seen_since)
     if filters.status is None:
         # Only issues with an event in the window are listed.
         clauses.append("i.last_seen >= ? AND i.first_seen < ?")
