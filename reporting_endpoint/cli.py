@@ -64,6 +64,14 @@ SETTING_HELP: dict[str, str] = {
     " this many ms of it is a retry, counted once; 0 turns it off (default 500)",
     "duplicate_window_minutes": "how long received reports are remembered to recognise"
     " retries, in minutes of generation time (default 20)",
+    "alert_rules": "TOML or JSON file of alert rules and channels; checked at start"
+    " (default: the webhook_url rules, else no alerts)",
+    "webhook_url": "without alert_rules: new issues and regressions are posted to this"
+    " webhook (default: none)",
+    "webhook_secret": "HMAC-SHA256 key signing the webhook_url posts; prefer the"
+    " environment variable (a flag is visible to other local users in ps)",
+    "public_url": "the service's external base URL: alerts link to"
+    " <public_url>/dashboard/issues/<id> (default: no links)",
 }
 _CHOICES = {
     "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],
@@ -132,6 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Read and checked here, before any worker starts: a bad rules file is one message naming
     # the rule (a SettingsError, exit 2), not a failed start in every worker.
     settings.fingerprint_rule_set()
+    settings.alert_config()
     serve(settings)
     return 0
 

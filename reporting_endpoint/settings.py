@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from reporting_endpoint.alerts.rules import AlertConfig
     from reporting_endpoint.issues.releases import ReleaseSource
     from reporting_endpoint.issues.rules import RuleSet
 
@@ -93,6 +94,15 @@ class Settings:
     # How far back (in generation time) received reports are remembered for that test; a
     # browser gives up on a report 15 minutes after it was made.
     duplicate_window_minutes: int = 20
+    # Alerts (README "Alerts")
+    # A TOML or JSON file of alert rules and channels; checked at start (a bad file stops it).
+    alert_rules: Path | None = None
+    # Without a rules file: new issues and regressions go to this one webhook, signed with
+    # the secret (a rules file can name it as the channel "webhook").
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    # The service's external base URL: alerts link to <public_url>/dashboard/issues/<id>.
+    public_url: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -143,6 +153,12 @@ class Settings:
                 raise SettingsError("blob_store is a folder path or s3://bucket/prefix")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise SettingsError("ssl_certfile and ssl_keyfile go together")
+        for name in ("webhook_url", "public_url"):
+            value = getattr(self, name)
+            if value is not None and not _http_url(value):
+                raise SettingsError(f"{name} must be an http:// or https:// URL with a host")
+        if self.webhook_secret is not None and self.webhook_url is None:
+            raise SettingsError("webhook_secret goes with webhook_url")
 
     @property
     def database_url(self) -> str:
@@ -181,6 +197,24 @@ class Settings:
             return RuleSet.load(self.fingerprint_rules)
         except RulesError as exc:
             raise SettingsError(f"fingerprint_rules: {exc}") from None
+
+    def alert_config(self) -> AlertConfig:
+        """The alert rules: the ``alert_rules`` file read and checked (its rules may name the
+        ``webhook_url`` channel, "webhook"), else the default rules to ``webhook_url``, else
+        none. Raises ``SettingsError`` naming the file, the rule and the problem."""
+        from reporting_endpoint.alerts.rules import AlertConfig, AlertRulesError
+
+        try:
+            default = (
+                AlertConfig.default(self.webhook_url, self.webhook_secret)
+                if self.webhook_url is not None
+                else AlertConfig()
+            )
+            if self.alert_rules is None:
+                return default
+            return AlertConfig.load(self.alert_rules, extra=default.channels)
+        except AlertRulesError as exc:
+            raise SettingsError(f"alert_rules: {exc}") from None
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -225,6 +259,13 @@ def _convert(name: str, type_name: str, raw: str) -> Any:
         return raw
     except ValueError as exc:
         raise SettingsError(f"{ENV_PREFIX}{name.upper()}: cannot use {raw!r}") from exc
+
+
+def _http_url(value: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    return parts.scheme in {"http", "https"} and bool(parts.hostname)
 
 
 SQLITE_SCHEME = "sqlite://"
