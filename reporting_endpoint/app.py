@@ -13,6 +13,8 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route
 
+from reporting_endpoint.alerts.rules import AlertConfig
+from reporting_endpoint.alerts.sender import AlertService
 from reporting_endpoint.analysis import DumpAnalyzer
 from reporting_endpoint.api import BearerTokenMiddleware, api_routes
 from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
@@ -47,6 +49,7 @@ def service_lifespan(
     analyzer: DumpAnalyzer,
     retention_days: int | None = None,
     tune_gc: bool = False,
+    alerts: AlertService | None = None,
 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     blobs = analyzer.blobs
 
@@ -67,9 +70,14 @@ def service_lifespan(
             if retention_days is not None:
                 # With the blob store, retention covers crashes and their blobs too.
                 pruner = asyncio.create_task(retention_loop(storage, retention_days, blobs=blobs))
+            if alerts is not None:
+                # Beside the ingest path: its own tasks, reading and queueing through storage.
+                alerts.start()
             try:
                 yield
             finally:
+                if alerts is not None:
+                    await alerts.stop()
                 if pruner is not None:
                     pruner.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -165,6 +173,8 @@ def create_app(
     # Read and checked now: a bad rules file stops the service before it takes a report
     # (SettingsError naming the file, the rule and the problem).
     rules = settings.fingerprint_rule_set()
+    alert_config: AlertConfig = settings.alert_config()
+    alerts = AlertService(storage, alert_config, settings.public_url)
     analyzer = DumpAnalyzer(storage, blobs, rules)
     # Async callbacks /metrics awaits before it renders, to set gauges from a storage read;
     # add to app.state.metrics_hooks (README "Metrics").
@@ -172,13 +182,14 @@ def create_app(
     app = Starlette(
         routes=routes(settings, storage, analyzer, scrape_hooks),
         exception_handlers=EXCEPTION_HANDLERS,
-        lifespan=service_lifespan(storage, analyzer, settings.retention_days, tune_gc),
+        lifespan=service_lifespan(storage, analyzer, settings.retention_days, tune_gc, alerts),
     )
     app.state.settings = settings
     app.state.storage = storage
     app.state.analyzer = analyzer
     app.state.blobs = blobs
     app.state.metrics_hooks = scrape_hooks
+    app.state.alerts = alerts
     return app
 
 

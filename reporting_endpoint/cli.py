@@ -75,6 +75,14 @@ SETTING_HELP: dict[str, str] = {
     "secret_key": "key that signs dashboard session cookies, 32+ characters (default: one"
     " generated and kept in the data folder); prefer the environment variable",
     "session_max_age": "seconds a dashboard session lasts (default 43200)",
+    "alert_rules": "TOML or JSON file of alert rules and channels; checked at start"
+    " (default: the webhook_url rules, else no alerts)",
+    "webhook_url": "without alert_rules: new issues and regressions are posted to this"
+    " webhook (default: none)",
+    "webhook_secret": "HMAC-SHA256 key signing the webhook_url posts; prefer the"
+    " environment variable (a flag is visible to other local users in ps)",
+    "public_url": "the service's external base URL: alerts link to"
+    " <public_url>/dashboard/issues/<id> (default: no links)",
 }
 _CHOICES = {
     "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],
@@ -147,6 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Read and checked here, before any worker starts: a bad rules file is one message naming
     # the rule (a SettingsError, exit 2), not a failed start in every worker.
     settings.fingerprint_rule_set()
+    settings.alert_config()
     serve(settings)
     return 0
 

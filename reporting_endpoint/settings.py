@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from reporting_endpoint.alerts.rules import AlertConfig
     from reporting_endpoint.issues.releases import ReleaseSource
     from reporting_endpoint.issues.rules import RuleSet
 
@@ -116,6 +117,15 @@ class Settings:
     secret_key: str | None = field(default=None, repr=False)
     # Seconds a dashboard session lasts from its login.
     session_max_age: int = 43200
+    # Alerts (README "Alerts")
+    # A TOML or JSON file of alert rules and channels; checked at start (a bad file stops it).
+    alert_rules: Path | None = None
+    # Without a rules file: new issues and regressions go to this one webhook, signed with
+    # the secret (a rules file can name it as the channel "webhook").
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    # The service's external base URL: alerts link to <public_url>/dashboard/issues/<id>.
+    public_url: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -174,6 +184,12 @@ class Settings:
         self._check_intake()
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise SettingsError("ssl_certfile and ssl_keyfile go together")
+        for name in ("webhook_url", "public_url"):
+            value = getattr(self, name)
+            if value is not None and not _http_url(value):
+                raise SettingsError(f"{name} must be an http:// or https:// URL with a host")
+        if self.webhook_secret is not None and self.webhook_url is None:
+            raise SettingsError("webhook_secret goes with webhook_url")
 
     def _check_intake(self) -> None:
         from reporting_endpoint.intake import IntakeError, allowed_site_hosts, parse_sample_rates
@@ -229,6 +245,24 @@ class Settings:
         except RulesError as exc:
             raise SettingsError(f"fingerprint_rules: {exc}") from None
 
+    def alert_config(self) -> AlertConfig:
+        """The alert rules: the ``alert_rules`` file read and checked (its rules may name the
+        ``webhook_url`` channel, "webhook"), else the default rules to ``webhook_url``, else
+        none. Raises ``SettingsError`` naming the file, the rule and the problem."""
+        from reporting_endpoint.alerts.rules import AlertConfig, AlertRulesError
+
+        try:
+            default = (
+                AlertConfig.default(self.webhook_url, self.webhook_secret)
+                if self.webhook_url is not None
+                else AlertConfig()
+            )
+            if self.alert_rules is None:
+                return default
+            return AlertConfig.load(self.alert_rules, extra=default.channels)
+        except AlertRulesError as exc:
+            raise SettingsError(f"alert_rules: {exc}") from None
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -272,6 +306,13 @@ def _convert(name: str, type_name: str, raw: str) -> Any:
         return raw
     except ValueError as exc:
         raise SettingsError(f"{ENV_PREFIX}{name.upper()}: cannot use {raw!r}") from exc
+
+
+def _http_url(value: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    return parts.scheme in {"http", "https"} and bool(parts.hostname)
 
 
 SQLITE_SCHEME = "sqlite://"

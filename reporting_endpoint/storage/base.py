@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol
 
 from reporting_endpoint.issues.triage import StatusChange
 from reporting_endpoint.records import IssueKey, NewCrash, NewReport, RejectedReport
+from reporting_endpoint.storage.alert_store import AlertStore
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
 
 
@@ -190,11 +191,12 @@ class Counts:
         ]
 
 
-class Storage(Protocol):
+class Storage(AlertStore, Protocol):
     """Durable storage of reports and crashes.
 
     Every write returns only once it is committed: the service answers 2xx after that. Reads
-    never share a connection (or a transaction) with the writer.
+    never share a connection (or a transaction) with the writer. The alert outbox's methods
+    are in ``AlertStore`` (``alert_store.py``).
     """
 
     async def start(self) -> None:

@@ -27,6 +27,13 @@ import asyncpg
 
 from reporting_endpoint.issues.triage import StatusChange
 from reporting_endpoint.records import IssueKey, NewCrash
+from reporting_endpoint.storage.alert_store import (
+    AlertEvent,
+    AlertPage,
+    DeliveryAttempt,
+    NewAlert,
+    OutboxAlert,
+)
 from reporting_endpoint.storage.base import (
     Blob,
     Counts,
@@ -47,6 +54,7 @@ from reporting_endpoint.storage.base import (
     WriterHealth,
 )
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
+from reporting_endpoint.storage.postgres import alerts as alert_sql
 from reporting_endpoint.storage.postgres import (
     crashes,
     deletion,
@@ -334,6 +342,35 @@ class PostgresStorage(PostgresWriter):
             await self.run_job(partial(transfer.ensure_days, days=days))
         return await self.run_job(partial(transfer.import_rows, kind=kind, rows=rows))
 
+    async def queue_alerts(
+        self, alerts: Sequence[NewAlert], consumed: Sequence[int], now_ms: int
+    ) -> int:
+        return await self.run_job(
+            partial(alert_sql.queue_alerts, alerts=alerts, consumed=consumed, now_ms=now_ms)
+        )
+
+    async def claim_alerts(
+        self,
+        owner: str,
+        limit: int,
+        lease_ms: int,
+        now_ms: int,
+        channel: str | None = None,
+        exclude: Sequence[str] = (),
+    ) -> tuple[OutboxAlert, ...]:
+        return await self.run_job(
+            partial(
+                alert_sql.claim, owner=owner, limit=limit, lease_ms=lease_ms, now_ms=now_ms,
+                channel=channel, exclude=tuple(exclude),
+            )
+        )  # fmt: skip
+
+    async def record_deliveries(self, attempts: Sequence[DeliveryAttempt]) -> None:
+        await self.run_job(partial(alert_sql.record_deliveries, attempts=attempts))
+
+    async def prune_alerts(self, older_than_ms: int) -> int:
+        return await self.run_job(partial(alert_sql.prune, older_than_ms=older_than_ms))
+
     # --- reads ----------------------------------------------------------------------------
 
     def _translate(self, exc: Exception) -> Exception:
@@ -414,6 +451,34 @@ class PostgresStorage(PostgresWriter):
 
     async def issue_events(self, issue_id: int, limit: int, after: Position | None = None) -> Page:
         return await self._read(issues.issue_events, issue_id, limit, after)
+
+    async def alert_events(self, limit: int) -> tuple[AlertEvent, ...]:
+        return await self._read(alert_sql.events, limit)
+
+    async def issues_over(
+        self,
+        rule: str,
+        per_rule: bool,
+        since_ms: int,
+        more_than: int,
+        now_ms: int,
+        kind: str | None = None,
+        site: str | None = None,
+        limit: int = 1000,
+    ) -> tuple[dict[str, Any], ...]:
+        return await self._read(
+            alert_sql.issues_over, rule, per_rule, since_ms, more_than, now_ms, kind, site, limit
+        )
+
+    async def alerts_page(
+        self, limit: int, before: int | None = None, status: str | None = None
+    ) -> AlertPage:
+        return await self._read(alert_sql.alerts_page, limit, before, status)
+
+    async def alert_deliveries_page(
+        self, limit: int, before: int | None = None, alert_id: int | None = None
+    ) -> AlertPage:
+        return await self._read(alert_sql.deliveries_page, limit, before, alert_id)
 
     async def export_batch(
         self,

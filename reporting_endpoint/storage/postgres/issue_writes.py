@@ -39,6 +39,7 @@ from reporting_endpoint.issues.triage import (
     after_events,
 )
 from reporting_endpoint.records import REPORT_BASE_WIDTH, IssueKey
+from reporting_endpoint.storage.alert_store import NEW_ISSUE, REGRESSED
 from reporting_endpoint.storage.filters import HOUR_MS
 from reporting_endpoint.storage.issue_rows import (
     MAX_VALUE,
@@ -50,6 +51,7 @@ from reporting_endpoint.storage.issue_rows import (
     oldest,
     status_of,
 )
+from reporting_endpoint.storage.postgres import alerts
 from reporting_endpoint.storage.postgres.values import clean_text
 
 # The issue tables in the order every transaction takes them (after reports, the roll-ups
@@ -268,11 +270,16 @@ async def add(
     answered = await connection.fetch(_UPSERT_ISSUES, *arrays(rows, 10), now_ms, has_titles)
     updates: list[tuple[object, ...]] = []
     history: list[tuple[object, ...]] = []
+    # What alerts are about (README "Alerts"), recorded in this transaction: rare, so a group
+    # without a new issue or a regression writes nothing more.
+    events: list[tuple[int, str]] = []
     for record in answered:
         fingerprint = str(record["fingerprint"])
         issue_id = int(record["id"])
         ids[fingerprint] = issue_id
         if record["created"]:
+            if triage:
+                events.append((issue_id, NEW_ISSUE))
             continue
         tally = tallies[fingerprint]
         before = IssueState(
@@ -293,6 +300,8 @@ async def add(
                 (issue_id, state.status, state.resolved_in_release, state.ignore_until_ms,
                  state.ignore_until_count, releases[0], releases[1], reason is not None)
             )  # fmt: skip
+        if state.status == "regressed" and before.status != "regressed":
+            events.append((issue_id, REGRESSED))
         if reason is not None:
             history.append(
                 (issue_id, now_ms, SYSTEM_ACTOR, record["status"], state.status, reason,
@@ -303,6 +312,7 @@ async def add(
     await bump_counters(connection, [(ids[f], tallies[f]) for f in order], 1)
     if history:
         await connection.execute(INSERT_HISTORY, *arrays(history, 7))
+    await alerts.record_events(connection, events, now_ms)
     return ids
 
 

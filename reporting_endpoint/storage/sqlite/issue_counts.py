@@ -20,7 +20,9 @@ from reporting_endpoint.issues.triage import (
     IssueState,
     after_events,
 )
+from reporting_endpoint.storage.alert_store import NEW_ISSUE, REGRESSED
 from reporting_endpoint.storage.issue_rows import ISSUE_COLUMNS, newest, oldest, status_of
+from reporting_endpoint.storage.sqlite import alerts
 from reporting_endpoint.storage.sqlite.issue_tally import (
     CRASH_EVENT_COLUMNS,
     REPORT_EVENT_COLUMNS,
@@ -93,6 +95,9 @@ def add(
     counted: list[tuple[object, ...]] = []
     triaged: list[tuple[object, ...]] = []
     created: list[tuple[object, ...]] = []
+    # What alerts are about (README "Alerts"), recorded in this transaction: rare, so a group
+    # without a new issue or a regression writes nothing more.
+    events: list[tuple[int, str]] = []
     for fingerprint, tally in tallies.items():
         row = existing.get(fingerprint)
         if row is None:
@@ -118,6 +123,8 @@ def add(
             continue
         state = IssueState(status, row[6], row[7], row[8], int(row[9]))
         state, changed = after_events(state, tally.count, sorted(tally.releases), now_ms)
+        if state.status == "regressed" and status != "regressed":
+            events.append((issue_id, REGRESSED))
         if changed is not None:
             record_history(
                 connection, issue_id, now_ms, SYSTEM_ACTOR, row[5], state.status, changed,
@@ -151,6 +158,9 @@ def add(
         )
         new = issues_by_fingerprint(connection, [str(row[0]) for row in created], "id, fingerprint")
         ids.update({str(row[1]): int(row[0]) for row in new.values()})
+        if triage:
+            events.extend((ids[str(row[0])], NEW_ISSUE) for row in created)
+    alerts.record_events(connection, events, now_ms)
     pairs = [(ids[fp], tally) for fp, tally in tallies.items()]
     if deferred is None:
         bump_counters(connection, pairs, 1)

@@ -1,0 +1,1 @@
+"""Alerts: rules over issues and volumes, an outbox written with the facts, and its senders."""
