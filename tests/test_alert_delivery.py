@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from reporting_endpoint.alerts.signing import SIGNATURE_HEADER, verify
@@ -122,6 +123,7 @@ def test_a_new_crash_sends_one_webhook_slack_and_email_then_a_regression(
     )
     batch = crash_batch()
     with TestClient(create_app(settings)) as client:
+        sent_before = delivered_by_kind(client)
         post(client, batch)
         wait_for(
             lambda: len(http.at("/hook")) and len(http.at("/slack")) and len(smtp.messages),
@@ -193,6 +195,26 @@ def test_a_new_crash_sends_one_webhook_slack_and_email_then_a_regression(
         assert client.get("/api/alerts").status_code == 401
         bad = client.get("/api/alerts?status=lost", headers=READ)
         assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_status")
+        # /metrics counts each delivered alert once, by the kind of its channel.
+        sent = delivered_by_kind(client)
+        assert {kind: sent[kind] - sent_before.get(kind, 0) for kind in sent} == {
+            "webhook": 2,
+            "slack": 2,
+            "email": 2,
+        }
+
+
+def delivered_by_kind(client: TestClient) -> dict[str, float]:
+    """``alert_deliveries_total{outcome="sent"}`` per channel kind, as /metrics shows it (the
+    counters live as long as the process, so tests compare before and after)."""
+    text = client.get("/metrics").text
+    return {
+        sample.labels["channel"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "reporting_endpoint_alert_deliveries_total"
+        and sample.labels["outcome"] == "sent"
+    }
 
 
 CAPTURED = ("crash-pagecrash", "csp", "deprecation")

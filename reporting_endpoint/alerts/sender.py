@@ -21,7 +21,9 @@ import uuid
 
 import orjson
 
+from reporting_endpoint import metrics
 from reporting_endpoint.alerts.channels import Channels, Result
+from reporting_endpoint.alerts.destinations import EmailChannel, SlackChannel, WebhookChannel
 from reporting_endpoint.alerts.outbox import Evaluator
 from reporting_endpoint.alerts.rules import AlertConfig, Delivery
 from reporting_endpoint.storage.alert_store import DeliveryAttempt, OutboxAlert, Outcome
@@ -34,6 +36,12 @@ CLAIM_BATCH = 100
 # Finished alerts and their delivery log are kept this long.
 KEEP_HISTORY_MS = 30 * 86_400_000
 PRUNE_EVERY_MS = 3_600_000
+# The metrics label a channel by its kind, never by its name (which an operator chose).
+CHANNEL_KINDS: dict[type, str] = {
+    WebhookChannel: "webhook",
+    SlackChannel: "slack",
+    EmailChannel: "email",
+}
 
 
 def _now_ms() -> int:
@@ -133,6 +141,12 @@ class Sender:
             duration_ms=int((time.monotonic() - started) * 1000),
             next_attempt_at=due,
         )
+        if outcome in ("delivered", "failed"):
+            # Final outcomes only: a retry still to come is neither sent nor failed yet.
+            metrics.alert_delivery(
+                CHANNEL_KINDS.get(type(channel), "unknown"),
+                "sent" if outcome == "delivered" else "failed",
+            )
         if outcome != "delivered":
             # A dead receiver fails every attempt: only the final failure is a warning.
             log.log(
