@@ -143,6 +143,7 @@ def routes(
                     max_bytes=settings.crashpad_max_body_bytes,
                     respond=discarded,
                     endpoint="crashpad",
+                    too_large="too_large",
                 ),
             ],
         ),

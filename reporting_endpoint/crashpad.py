@@ -213,7 +213,12 @@ class CrashpadEndpoint:
             metrics.request_rejected("crashpad", code)
             await send_text(send, 503, f"Discarded={code}", {"Retry-After": "60"})
             return
-        metrics.crash_stored(crash.upload_bytes)
+        try:
+            metrics.crash_stored(crash.upload_bytes)
+        except Exception:
+            # The crash is committed: a metrics failure (multiprocess mode writes files) must
+            # not answer 500, which Crashpad would take as a lost upload.
+            log.exception("counting a stored crash failed")
         await send_text(send, 200, crash.id)  # no trailing newline: it becomes the id verbatim
         if self.on_stored is not None:
             self.on_stored(crash)

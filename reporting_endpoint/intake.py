@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import operator
 import time
@@ -113,13 +114,13 @@ def type_of(report: Any) -> object:
 
 
 def off_site(report: Any, allowed: frozenset[str]) -> bool:
-    """A refused report whose URL names a site off the allow-list (one without a readable URL
-    is kept in quarantine: nothing says where it came from)."""
+    """A refused report not shown to come from a listed site: its URL names another site, or
+    it has no URL that names a site at all. Only reports from listed sites are quarantined:
+    anyone can send junk, and it must not churn the bounded quarantine."""
     url = report.get("url") if isinstance(report, dict) else None
     if not isinstance(url, str):
-        return False
-    site = url_parts(url).site
-    return site is not None and not site_allowed(site, allowed)
+        return True
+    return not site_allowed(url_parts(url).site, allowed)
 
 
 @dataclass(slots=True)
@@ -169,6 +170,38 @@ class TokenBuckets:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
 
+    def waiting(self, client: str) -> float:
+        """``take``'s answer without spending a token (nor refreshing the bucket's place):
+        for limits that charge only some requests, such as failed logins."""
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            return 0.0
+        tokens = min(self.burst, bucket.tokens + (self.clock() - bucket.at) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+
+def client_key(host: str) -> str:
+    """The rate-limit key of a client address: an IPv6 client's /64, since one host is
+    usually handed a whole /64 and could otherwise rotate through it to escape its bucket;
+    an IPv4-mapped IPv6 address (a dual-stack socket) as the IPv4 address it stands for."""
+    if ":" not in host:
+        return host  # IPv4 (or not an IP at all): as given, without a parse on the hot path
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an IP address: keyed as given
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
+
+
+def client_of(scope: Scope) -> str:
+    """The rate-limit key of the client a request came from (see ``client_key``)."""
+    client = scope.get("client")
+    return client_key(client[0]) if client else ""
+
 
 Responder = Callable[[RequestRejected], Response]
 
@@ -195,8 +228,7 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        client = scope.get("client")
-        wait = self.buckets.take(client[0] if client else "")
+        wait = self.buckets.take(client_of(scope))
         if not wait:
             await self.app(scope, receive, send)
             return

@@ -30,6 +30,9 @@ class BodyLimitMiddleware:
 
     A streamed overflow surfaces as ``RequestRejected(413)`` from ``receive`` in the handler,
     which answers in its own format; a declared overflow is answered here by ``respond``.
+    A refusal made here is counted under ``endpoint`` (None: not counted, for routes that are
+    not ingest), with ``too_large`` as the reason code of an overflow: the code the answer
+    names, so the count and the answer agree (Crashpad's is ``too_large``).
     """
 
     def __init__(
@@ -37,12 +40,18 @@ class BodyLimitMiddleware:
         app: ASGIApp,
         max_bytes: int,
         respond: Responder = json_rejection,
-        endpoint: metrics.Endpoint = "reports",
+        endpoint: metrics.Endpoint | None = "reports",
+        too_large: str = "body_too_large",
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.respond = respond
         self.endpoint = endpoint
+        self.too_large = too_large
+
+    def _count(self, code: str) -> None:
+        if self.endpoint is not None:
+            metrics.request_rejected(self.endpoint, code)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,14 +64,14 @@ class BodyLimitMiddleware:
                 problem = RequestRejected(
                     400, "bad_content_length", "Content-Length is not a number"
                 )
-                metrics.request_rejected(self.endpoint, problem.code)
+                self._count(problem.code)
                 await self.respond(problem)(scope, receive, send)
                 return
             if int(declared) > limit:
                 problem = RequestRejected(
-                    413, "body_too_large", f"the body is larger than {limit} bytes"
+                    413, self.too_large, f"the body is larger than {limit} bytes"
                 )
-                metrics.request_rejected(self.endpoint, problem.code)
+                self._count(problem.code)
                 await self.respond(problem)(scope, receive, send)
                 return
 
@@ -75,11 +84,23 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise RequestRejected(
-                        413, "body_too_large", f"the body is larger than {limit} bytes"
+                        413, self.too_large, f"the body is larger than {limit} bytes"
                     )
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def origin_list(entries: Iterable[str]) -> frozenset[str]:
+    """``cors_allow_origins`` as CORSMiddleware compares them: without a trailing ``/``."""
+    return frozenset(entry.rstrip("/") for entry in entries)
+
+
+def origin_allowed(origin: str, allowed: frozenset[str]) -> bool:
+    """Whether CORSMiddleware lets ``origin`` send reports, under an ``origin_list``: an
+    empty list or ``*`` lets every origin. The set-up page asks the same question, so what it
+    warns about is what the middleware refuses."""
+    return not allowed or "*" in allowed or origin in allowed
 
 
 class CORSMiddleware:
@@ -98,7 +119,7 @@ class CORSMiddleware:
         allow_methods: str = "POST, OPTIONS",
     ) -> None:
         self.app = app
-        self.allow_origins = frozenset(o.rstrip("/") for o in allow_origins)
+        self.allow_origins = origin_list(allow_origins)
         self.any_origin = not self.allow_origins or "*" in self.allow_origins
         self.max_age = str(max_age)
         self.allow_methods = allow_methods
@@ -106,7 +127,7 @@ class CORSMiddleware:
     def _allow_origin(self, origin: bytes | None) -> bytes | None:
         if self.any_origin:
             return b"*"
-        if origin is not None and origin.decode("latin-1") in self.allow_origins:
+        if origin is not None and origin_allowed(origin.decode("latin-1"), self.allow_origins):
             return origin
         return None
 

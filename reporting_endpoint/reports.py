@@ -341,7 +341,7 @@ class ReportsEndpoint:
                     accepted.append(record)
                     continue
             if allowed is not None and intake.off_site(report, allowed):
-                # Junk from elsewhere is not kept in quarantine either.
+                # Junk from elsewhere, or from nowhere, is not kept in quarantine either.
                 intake.tally(dropped, intake.type_of(report), "site_not_allowed")
                 continue
             quarantine.append(quarantined(report, problem, received_at, keep_query))
@@ -377,7 +377,12 @@ class ReportsEndpoint:
             # duplicate, or the browser's second delivery would be dropped too.
             for key in keys:
                 window.add(key, received_at)
-        intake.count_upload(accepted, quarantine, dropped)
+        try:
+            intake.count_upload(accepted, quarantine, dropped)
+        except Exception:
+            # The upload is committed: a metrics failure (multiprocess mode writes files)
+            # must not turn its 200 into a 500, which the browser would send again.
+            log.exception("counting a committed upload failed")
         summary: dict[str, Any] = {"accepted": len(accepted) + retries, "rejected": rejected}
         not_stored = intake.by_outcome(dropped)
         if not_stored:

@@ -10,6 +10,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -19,10 +20,12 @@ from itsdangerous import TimestampSigner
 from starlette.testclient import TestClient
 
 from reporting_endpoint.app import create_app
-from reporting_endpoint.dashboard.auth import KEY_FILE, Sessions, secret_key
+from reporting_endpoint.dashboard.auth import KEY_FILE, LOGIN_COOKIE, Sessions, secret_key
+from reporting_endpoint.dashboard.login import FAILED_LOGINS_BURST
 from reporting_endpoint.settings import Settings, SettingsError
 from tests.conftest import crash_report, post_reports
 from tests.dashboard_session import (
+    BASE_URL,
     READ_TOKEN,
     csrf_of,
     dashboard_client,
@@ -361,3 +364,42 @@ def test_write_token_is_only_asked_for_when_one_is_set(tmp_path: Path) -> None:
         assert 'name="write_token"' not in client.get("/dashboard/login").text
         assert login(client, write=False).status_code == 303
         assert "read only" in client.get("/dashboard/").text
+
+
+def test_failed_logins_are_throttled_per_address(settings: Settings) -> None:
+    """Guesses beyond the burst are refused unchecked (the right token too) with 429 and
+    Retry-After, even when sent all at once; an IPv6 client is one /64; others still sign in."""
+    app = create_app(settings)
+
+    async def addressed(scope: Any, receive: Any, send: Any) -> None:
+        # The test's stand-in for the peer address: taken from a header.
+        if scope["type"] == "http":
+            peer = dict(scope["headers"]).get(b"x-peer", b"192.0.2.1").decode()
+            scope = {**scope, "client": (peer, 40000)}
+        await app(scope, receive, send)
+
+    with TestClient(addressed, base_url=BASE_URL, follow_redirects=False) as client:
+        csrf = csrf_of(client.get("/dashboard/login").text)
+
+        def attempt(token: str, peer: str = "2001:db8::1") -> Any:
+            # The login cookie sent as such: each refusal sets a new one in the client's jar,
+            # and concurrent attempts must not trip over each other's.
+            fields = {"token": token, "csrf": csrf, "next": "/dashboard/"}
+            headers = {"x-peer": peer, "cookie": f"{LOGIN_COOKIE}={csrf}"}
+            return client.post("/dashboard/login", data=fields, headers=headers)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(attempt, [f"guess{n}" for n in range(40)]))
+        elapsed = time.monotonic() - started
+        codes = sorted(answer.status_code for answer in answers)
+        assert codes == [403] * FAILED_LOGINS_BURST + [429] * (40 - FAILED_LOGINS_BURST)
+        refused = next(answer for answer in answers if answer.status_code == 429)
+        assert 'data-code="too_many_attempts"' in refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert "default-src 'none'" in refused.headers["content-security-policy"]
+        # Another address in the same /64 is the same client, the right token notwithstanding.
+        assert attempt(READ_TOKEN, peer="2001:db8::ffff:2").status_code == 429
+        assert attempt(READ_TOKEN, peer="2001:db8:0:1::1").status_code == 303
+        assert attempt(READ_TOKEN, peer="192.0.2.9").status_code == 303
+    assert elapsed < 30

@@ -21,6 +21,7 @@ from reporting_endpoint.storage.base import IssueFilters
 from tests.conftest import CHROME_UA, captured_reports, crash_report, post_reports
 from tests.crashpad_client import MINIDUMPS, content_type, dump_upload
 from tests.dashboard_session import (
+    READ_TOKEN,
     dashboard_client,
     dashboard_settings,
     login,
@@ -39,6 +40,7 @@ POLICY = (
 )  # fmt: skip
 TODAY = datetime.now(UTC).date()
 TEN_DAYS_AGO = TODAY - timedelta(days=10)
+API_HEADERS = {"authorization": f"Bearer {READ_TOKEN}"}
 INLINE_SCRIPT = re.compile(r"<script(?![^>]*\bsrc=)", re.I)
 
 
@@ -183,6 +185,26 @@ def test_bad_parameters_are_refused_with_a_reason_code(client: TestClient) -> No
         assert_policy(response)
 
 
+def test_windows_at_the_ends_of_the_calendar_are_refused_or_shown(client: TestClient) -> None:
+    # Date arithmetic past year 1 or 9999 overflows: a 400 naming the parameter, never a 500.
+    ids = populate(client)
+    windowed = ["/dashboard/", "/dashboard/issues", f"/dashboard/issues/{ids['native']}",
+                "/dashboard/reports", "/dashboard/reports?type=native"]  # fmt: skip
+    edges = ["until=0001-01-01", "until=0001-01-06", "until=9999-12-31",
+             "since=9999-12-31&until=9999-12-31", "since=0001-01-01&until=9999-12-31"]  # fmt: skip
+    for path in windowed:
+        joiner = "&" if "?" in path else "?"
+        for edge in edges:
+            response = client.get(path + joiner + edge)
+            assert response.status_code == 400, (path, edge, response.text[-600:])
+            assert 'data-code="invalid_time"' in response.text or (
+                'data-code="window_too_large"' in response.text and "since=0001" in edge
+            ), (path, edge)
+        for fine in ["since=0001-01-01&until=0001-01-02", "since=9999-12-29&until=9999-12-30"]:
+            response = client.get(path + joiner + fine)
+            assert response.status_code == 200, (path, fine, response.text[-600:])
+
+
 def triage(client: TestClient, issue_id: int, **fields: str) -> Any:
     return client.post(
         f"/dashboard/issues/{issue_id}/status", data={"csrf": session_csrf(client), **fields}
@@ -268,6 +290,35 @@ def test_issue_pages_of_every_size_page_on(client: TestClient) -> None:
     assert '<td class="n">51</td>' in second
 
 
+def native_tab(html: str) -> tuple[str, int]:
+    """The native tab of the reports page: where it leads, and the count it shows."""
+    found = re.search(
+        r'<a href="([^"]*type=native[^"]*)"[^>]*>native <small>([\d,]+)</small>', html
+    )
+    assert found is not None, html
+    return found.group(1).replace("&amp;", "&"), int(found.group(2).replace(",", ""))
+
+
+def test_the_native_tab_keeps_the_filters_the_crash_list_takes(client: TestClient) -> None:
+    ids = populate(client)
+    crash = client.get(f"/api/crashes/{ids['crash']}", headers=API_HEADERS).json()
+    assert crash["os"]
+    report_only = "site=https://example.com&origin=https://shop.example.com&browser=Chrome"
+    cases = [
+        (f"/dashboard/reports?{report_only}&browser_major=120&reason=oom&user_agent=x", 1),
+        (f"/dashboard/reports?type=crash&os={crash['os']}&window=7d", 1),
+        ("/dashboard/reports?os=NoSuchOS", 0),
+    ]
+    for url, expected in cases:
+        target, count = native_tab(client.get(url).text)
+        crashes = client.get(target)
+        assert crashes.status_code == 200, (url, target, crashes.text[-600:])
+        shown = len(re.findall(r'<tr data-crash="', crashes.text))
+        assert count == shown == expected, (url, target, count, shown)
+    target, _ = native_tab(client.get("/dashboard/reports?window=7d&os=NoSuchOS").text)
+    assert "window=7d" in target and "os=NoSuchOS" in target and "site=" not in target
+
+
 def test_native_crash_pages_and_the_minidump(client: TestClient) -> None:
     ids = populate(client)
     issue = client.get(f"/dashboard/issues/{ids['native']}").text
@@ -280,6 +331,23 @@ def test_native_crash_pages_and_the_minidump(client: TestClient) -> None:
     assert download.content[:4] == b"MDMP"
     missing = client.get("/dashboard/crashes/" + "f" * 32 + "/minidump")
     assert missing.status_code == 404 and 'data-code="crash_not_found"' in missing.text
+
+
+def test_the_issue_page_of_a_crash_without_an_offset_or_address(client: TestClient) -> None:
+    # A null read's dump names no crashing module offset (and the parse may leave the address
+    # unset): the page shows dashes rather than failing on the missing keys.
+    body = dump_upload((MINIDUMPS / "linux-x64_breakpad_linux_null_read_av.dmp").read_bytes())
+    uploaded = client.post("/crashpad", content=body, headers={"content-type": content_type()})
+    assert uploaded.status_code == 200
+    analyzer = client.app.state.analyzer  # type: ignore[attr-defined]
+    client.portal.call(analyzer.idle)  # type: ignore[union-attr]
+    crash = client.get(f"/api/crashes/{uploaded.text}", headers=API_HEADERS).json()
+    assert crash.get("crash_offset_hex") is None  # the case this test is about
+    native = issue_ids(client.get("/dashboard/issues?kind=native").text)
+    assert native
+    page = client.get(f"/dashboard/issues/{native[0]}")
+    assert page.status_code == 200, page.text
+    assert "Latest crash" in page.text
 
 
 def test_the_setup_page_gives_headers_and_says_whether_a_site_reported(
@@ -298,6 +366,30 @@ def test_the_setup_page_gives_headers_and_says_whether_a_site_reported(
     assert 'data-site-status="seen"' in seen and "https://example.com" in seen
     bad = client.get("/dashboard/setup?url=not a url").text
     assert 'data-code="setup_problem"' in bad
+
+
+@pytest.mark.parametrize(
+    ("changes", "warnings"),
+    [
+        ({"cors_allow_origins": ("*",)}, []),
+        ({"cors_allow_origins": ("https://other.example", "*")}, []),
+        ({"cors_allow_origins": ("https://shop.example.com/",)}, []),
+        ({"cors_allow_origins": ("https://other.example",)}, ["origin_not_allowed"]),
+        ({"allowed_sites": ("https://www.example.com",)}, []),
+        ({"allowed_sites": ("other.example",)}, ["site_not_allowed"]),
+    ],
+)
+def test_the_setup_page_warns_of_what_the_ingest_would_refuse(
+    database_url: str, tmp_path: Path, changes: dict[str, Any], warnings: list[str]
+) -> None:
+    # The page asks the middleware's and the intake's own questions: ``*`` lets any origin,
+    # a trailing slash is no difference, and the allow-list is of registrable domains.
+    settings = dashboard_settings(database_url, tmp_path, **changes)
+    with dashboard_client(settings) as client:
+        login(client)
+        page = client.get("/dashboard/setup?url=https://shop.example.com/cart").text
+    codes = re.findall(r'data-code="([^"]+)"', page)
+    assert codes == warnings, page
 
 
 def test_the_dashboard_reports_to_the_service_itself(client: TestClient) -> None:

@@ -3,6 +3,7 @@ a browser, a Crashpad client and an operator (stats, /metrics) see them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from reporting_endpoint.app import create_app
-from reporting_endpoint.intake import TokenBuckets
+from reporting_endpoint.intake import RateLimitMiddleware, TokenBuckets, client_key
+from reporting_endpoint.middleware import json_rejection
 from reporting_endpoint.settings import Settings, SettingsError
 from tests.conftest import crash_report, post_reports
 from tests.crashpad_client import content_type, dump_upload
@@ -69,21 +71,30 @@ def test_reports_for_other_sites_are_answered_2xx_not_stored_and_counted(
         crash_report(url="https://other.test/e"),
         {"type": "crash", "url": "https://junk.test/"},  # refused, and from elsewhere
         {"type": "crash", "url": "https://example.com/"},  # refused, from a listed site
-        {"type": "crash"},  # refused, no URL: kept in quarantine
+        # Refused, and nothing shows they come from a listed site: not quarantined either, or
+        # anyone could churn the bounded quarantine.
+        {"type": "crash"},
+        {"type": "crash", "url": "http://["},
+        {"type": "crash", "url": 7},
+        7,
     ]
     with TestClient(create_app(settings)) as client:
         before = outcomes(client)
         answer = post_reports(client, batch)
         after = outcomes(client)
         stored = stored_count(client)
+        quarantine = client.get("/api/quarantine", headers={"authorization": "Bearer t"})
     assert answer.status_code == 200
     summary = answer.json()
     assert summary["accepted"] == 2
-    assert [r["index"] for r in summary["rejected"]] == [6, 7]
-    assert summary["dropped"] == {"site_not_allowed": 4}
+    assert [r["index"] for r in summary["rejected"]] == [6]
+    assert summary["dropped"] == {"site_not_allowed": 8}
     assert stored == 2
+    assert [item["raw"] for item in quarantine.json()["quarantine"]] == [
+        {"type": "crash", "url": "https://example.com/"}
+    ]
     counted = after - before
-    assert counted == Counter(stored=2, quarantined=2, site_not_allowed=4)
+    assert counted == Counter(stored=2, quarantined=1, site_not_allowed=8)
     assert sum(counted.values()) == len(batch)
 
 
@@ -245,3 +256,42 @@ def test_an_address_seen_often_keeps_its_bucket_while_others_come_and_go() -> No
             waits.append(buckets.take("busy"))
     # Never evicted (and so never handed a fresh, full bucket): limited every time.
     assert all(wait > 0 for wait in waits)
+
+
+def test_an_ipv6_client_is_limited_by_its_slash_64_and_a_mapped_ipv4_as_ipv4() -> None:
+    """A host usually holds a whole /64: rotating addresses inside it must not buy new
+    buckets. An IPv4 client seen through a dual-stack socket shares its IPv4 bucket."""
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    limiter = RateLimitMiddleware(
+        ok, TokenBuckets(per_minute=1, burst=1), json_rejection, "reports"
+    )
+
+    async def status(address: str) -> int:
+        answered: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answered.append(message["status"])
+
+        scope = {"type": "http", "method": "POST", "path": "/reports", "headers": [],
+                 "client": (address, 1234)}  # fmt: skip
+        await limiter(scope, receive, send)
+        return answered[0]
+
+    async def run() -> list[int]:
+        addresses = ["2001:db8::1", "2001:db8::2", "2001:db8::ffff:0:9", "2001:db8:0:1::1",
+                     "192.0.2.7", "::ffff:192.0.2.7", "192.0.2.8"]  # fmt: skip
+        return [await status(address) for address in addresses]
+
+    assert asyncio.run(run()) == [200, 429, 429, 200, 200, 429, 200]
+    assert client_key("2001:DB8::abcd:1") == "2001:db8::/64"
+    assert client_key("::ffff:10.0.0.1") == "10.0.0.1"
+    assert client_key("10.0.0.1") == "10.0.0.1"
+    assert client_key("testclient") == "testclient"

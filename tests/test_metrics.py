@@ -397,3 +397,62 @@ def test_mounted_in_a_host_the_host_metrics_share_the_scrape(tmp_path: Path) -> 
     assert total(found, "host_app_pages_served_total") == 3
     assert total(found, "reporting_endpoint_reports_received_total", outcome="stored") >= 1
     assert total(found, "process_cpu_seconds_total") > 0
+
+
+def test_rejections_are_counted_by_the_code_answered_and_only_for_ingest(tmp_path: Path) -> None:
+    """A dashboard form past its size limit (no session needed) is not an ingest rejection;
+    a Crashpad body past its limit answers ``Discarded=too_large`` and is counted so, whether
+    its size was declared or found while it streamed."""
+    rejected = "reporting_endpoint_requests_rejected_total"
+    settings = Settings(db=tmp_path / "r.sqlite3", crashpad_max_body_bytes=1024)
+
+    def streamed() -> Any:
+        for _ in range(8):
+            yield b"x" * 1024
+
+    with TestClient(create_app(settings)) as client:
+        before = samples(client.get("/metrics").text)
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        login = client.post("/dashboard/login", content=b"x" * 20_000, headers=form)
+        crash = {"content-type": content_type()}
+        declared = client.post("/crashpad", content=b"x" * 4096, headers=crash)
+        flowing = client.post("/crashpad", content=streamed(), headers=crash)
+        after = samples(client.get("/metrics").text)
+    assert login.status_code == 413
+    assert declared.status_code == flowing.status_code == 413
+    assert declared.text == flowing.text == "Discarded=too_large"
+    assert total(after, rejected, endpoint="reports") == total(before, rejected, endpoint="reports")
+    counted = total(after, rejected, endpoint="crashpad", reason="too_large") - total(
+        before, rejected, endpoint="crashpad", reason="too_large"
+    )
+    assert counted == 2
+    assert total(after, rejected, endpoint="crashpad", reason="body_too_large") == total(
+        before, rejected, endpoint="crashpad", reason="body_too_large"
+    )
+
+
+def test_a_failing_counter_never_fails_a_committed_upload(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In multiprocess mode a count is a file write: an I/O error there, after the commit,
+    is logged, and the upload is still answered as stored."""
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    settings = Settings(database=database_url, blob_store=str(tmp_path / "blobs"), read_token="t")
+    with TestClient(create_app(settings)) as client:
+        monkeypatch.setattr(metrics, "reports_received", broken)
+        monkeypatch.setattr(metrics, "crash_stored", broken)
+        answer = post_reports(client, [crash_report()])
+        dump = (MINIDUMPS / "linux-x64_breakpad_linux_null_read_av.dmp").read_bytes()
+        crash = client.post(
+            "/crashpad", content=dump_upload(dump), headers={"content-type": content_type()}
+        )
+        monkeypatch.undo()
+        auth = {"authorization": "Bearer t"}
+        reports = client.get("/api/reports", headers=auth).json()["reports"]
+        found = client.get(f"/api/crashes/{crash.text}", headers=auth).status_code
+    assert answer.status_code == 200 and answer.json()["accepted"] == 1
+    assert crash.status_code == 200 and len(crash.text) == 32
+    assert len(reports) == 1 and found == 200

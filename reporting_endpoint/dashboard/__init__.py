@@ -75,7 +75,14 @@ def dashboard_routes(settings: Settings, storage: Storage, blobs: BlobStore) -> 
                 # Outermost first: every answer gets the policy headers, refusals included.
                 Middleware(DashboardHeaders),
                 Middleware(ErrorPages),
-                Middleware(BodyLimitMiddleware, max_bytes=MAX_FORM_BYTES, respond=_TooLarge),
+                # Not counted: requests_rejected_total is about ingest, and a login form
+                # needs no session, so anyone could inflate the count of /reports refusals.
+                Middleware(
+                    BodyLimitMiddleware,
+                    max_bytes=MAX_FORM_BYTES,
+                    respond=_TooLarge,
+                    endpoint=None,
+                ),
                 Middleware(SessionGate, sessions=sessions),
             ],
         )

@@ -81,13 +81,18 @@ class Explorer:
             raise refused(exc) from None
         filters = Filters(equal, window.since, window.until)
         counts = Filters(tuple(p for p in equal if p[0] != "type"), window.since, window.until)
-        everything = Filters((), window.since, window.until)
+        # The native tab leads to the crash list, which refuses the report-only filters: its
+        # link keeps the window and the filters both lists take (os), and its count is of the
+        # crashes that link shows.
+        both = tuple(p for p in equal if p[0] in CRASH_DIMENSIONS)
+        shared = Filters(both, window.since, window.until)
         page, types, natives = await asyncio.gather(
             self.storage.reports_page(filters, PER_PAGE, after),
             self.storage.groups("reports", ("type",), counts, 50),
-            self.storage.groups("crashes", ("parse_status",), everything, 10),
+            self.storage.groups("crashes", ("parse_status",), shared, 10),
         )
         kept = {k: v for k, v in params.items() if k != "after" and v}
+        native_params = {k: v for k, v in kept.items() if k in CRASH_PARAMETERS and k != "type"}
         tabs = [(str(g["type"]), int(g["count"])) for g in types.groups if g.get("type")]
         tabs.append((NATIVE, sum(int(g["count"]) for g in natives.groups)))
         return render(
@@ -99,6 +104,7 @@ class Explorer:
             params=kept,
             dimensions=REPORT_DIMENSIONS,
             tabs=tabs,
+            native_params=native_params,
             reports=list(page.items),
             following=_next_link(request, kept, page),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -17,17 +18,24 @@ from reporting_endpoint.dashboard.auth import (
     set_cookie,
 )
 from reporting_endpoint.dashboard.forms import checked_form, only, read_form
-from reporting_endpoint.dashboard.render import Refusal, base_path, render
+from reporting_endpoint.dashboard.render import Refusal, base_path, error_page, render
+from reporting_endpoint.intake import TokenBuckets, client_of
 
 # A wrong token costs the guesser this long (and the answer is the same for either token).
 FAILED_LOGIN_DELAY = 0.5
+# Failed logins per client address (an IPv6 client's /64), per process: a burst of typos is
+# free, then one guess every 10 s; while over, every attempt is refused unchecked, the right
+# token too, or a guesser would learn from which answers were refusals.
+FAILED_LOGINS_BURST = 10
+FAILED_LOGINS_PER_MINUTE = 6
 
 
 class Login:
     """``GET``/``POST /login`` and ``POST /logout``."""
 
-    def __init__(self, sessions: Sessions) -> None:
+    def __init__(self, sessions: Sessions, failures: TokenBuckets | None = None) -> None:
         self.sessions = sessions
+        self.failures = failures or TokenBuckets(FAILED_LOGINS_PER_MINUTE, FAILED_LOGINS_BURST)
 
     def _form(
         self, request: Request, next_path: str, status: int = 200, error: str = "", code: str = ""
@@ -65,11 +73,26 @@ class Login:
         next_path = safe_next(fields.get("next"), base_path(request))
         if not self.sessions.settings.read_token:
             raise Refusal(403, "dashboard_disabled", "set REPORTING_ENDPOINT_READ_TOKEN first")
+        # No await from this check to the charge below: concurrent guesses cannot all pass
+        # it before any of them is counted.
+        client = client_of(request.scope)
+        wait = self.failures.waiting(client)
+        if wait:
+            retry_after = str(max(1, math.ceil(wait)))
+            refusal = error_page(
+                request,
+                429,
+                "too_many_attempts",
+                f"too many failed sign-ins from this address; try again in {retry_after} s",
+            )
+            refusal.headers["Retry-After"] = retry_after
+            return refusal
         read_ok, write_ok = self.sessions.check_tokens(
             fields.get("token", ""), fields.get("write_token", "")
         )
         wants_write = bool(fields.get("write_token"))
         if not read_ok or (wants_write and not write_ok):
+            self.failures.take(client)
             await asyncio.sleep(FAILED_LOGIN_DELAY)
             return self._form(
                 request,

@@ -93,17 +93,26 @@ def parse_window(params: Mapping[str, str], now: int) -> Window:
     if since_text or until_text:
         today = datetime.fromtimestamp(now / 1000, UTC).date()
         until_day = _day(until_text, "until") if until_text else today
-        since_day = _day(since_text, "since") if since_text else until_day - timedelta(days=6)
+        try:
+            since_day = _day(since_text, "since") if since_text else until_day - timedelta(days=6)
+        except OverflowError:
+            # The week before 0001-01-07 is not a date.
+            raise Refusal(400, "invalid_time", "until is too early") from None
         if since_day > until_day:
             raise Refusal(400, "invalid_time", "since must not be after until")
         days = (until_day - since_day).days + 1
         if days > MAX_CUSTOM_DAYS:
             raise Refusal(400, "window_too_large", f"a window spans at most {MAX_CUSTOM_DAYS} days")
         start = datetime.combine(since_day, datetime.min.time(), UTC)
+        try:
+            end = start + timedelta(days=days)
+        except OverflowError:
+            # A window through 9999-12-31 ends at a midnight no datetime can hold.
+            raise Refusal(400, "invalid_time", "until is too late") from None
         return Window(
             "custom",
             int(start.timestamp() * 1000),
-            int((start + timedelta(days=days)).timestamp() * 1000),
+            int(end.timestamp() * 1000),
             "hour" if days <= 7 else "day",
             since_day.isoformat(),
             until_day.isoformat(),

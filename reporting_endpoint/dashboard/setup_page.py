@@ -10,6 +10,8 @@ from reporting_endpoint.dashboard.render import base_path, query, render
 from reporting_endpoint.grouping import origin_of, site_of
 from reporting_endpoint.headers import HeaderError, HeaderOptions, build_headers
 from reporting_endpoint.headers import render as config
+from reporting_endpoint.intake import allowed_site_hosts, site_allowed
+from reporting_endpoint.middleware import origin_allowed, origin_list
 from reporting_endpoint.settings import Settings
 from reporting_endpoint.storage.base import Storage
 from reporting_endpoint.storage.filters import Filters
@@ -23,6 +25,9 @@ class SetupPage:
     def __init__(self, settings: Settings, storage: Storage) -> None:
         self.settings = settings
         self.storage = storage
+        # Read as the ingest reads them, so the page warns of exactly what it refuses.
+        self.origins = origin_list(settings.cors_allow_origins)
+        self.sites = allowed_site_hosts(settings.allowed_sites)
 
     async def show(self, request: Request) -> Response:
         params = query(request, frozenset({"url"}))
@@ -44,7 +49,7 @@ class SetupPage:
             problem = str(exc)
         site = origin = None
         seen = None
-        cors_refused = False
+        cors_refused = site_refused = False
         if site_url:
             if len(site_url) > MAX_SITE_URL or "://" not in site_url:
                 problem = problem or "enter the site's address, like https://www.example.com/"
@@ -57,8 +62,8 @@ class SetupPage:
                         "reports", ("site",), Filters((("site", site),)), 1
                     )
                     seen = found.groups[0] if found.groups else {}
-                    allowed = self.settings.cors_allow_origins
-                    cors_refused = bool(allowed) and origin not in allowed
+                    cors_refused = origin is not None and not origin_allowed(origin, self.origins)
+                    site_refused = bool(self.sites) and not site_allowed(site, self.sites)
         return render(
             request,
             "setup.html",
@@ -69,6 +74,7 @@ class SetupPage:
             origin=origin,
             seen=seen,
             cors_refused=cors_refused,
+            site_refused=site_refused,
             endpoint=endpoint,
             insecure=request.url.scheme != "https",
             blocks=blocks,
