@@ -73,7 +73,7 @@ def routes(settings: Settings, storage: Storage, analyzer: DumpAnalyzer) -> list
     # One rule set for reports and crashes, loaded with the analyzer's (create_app).
     reports = ReportsEndpoint(settings, default_validator(), storage, analyzer.rules)
     crashpad = CrashpadEndpoint(settings, storage, analyzer.blobs, analyzer.stored)
-    health = HealthEndpoint(storage)
+    health = HealthEndpoint(storage, processing=analyzer.options.processors)
     ingest_middleware = [
         Middleware(
             CORSMiddleware,
@@ -121,7 +121,7 @@ def create_app(
     # Read and checked now: a bad rules file stops the service before it takes a report
     # (SettingsError naming the file, the rule and the problem).
     rules = settings.fingerprint_rule_set()
-    analyzer = DumpAnalyzer(storage, blobs, rules)
+    analyzer = DumpAnalyzer(storage, blobs, rules, settings.processing_options())
     app = Starlette(
         routes=routes(settings, storage, analyzer),
         exception_handlers=EXCEPTION_HANDLERS,
