@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -28,6 +29,8 @@ from reporting_endpoint.metrics import (
     Endpoint,
     MetricsEndpoint,
     ScrapeHook,
+    crash_backlog,
+    crash_parsed,
     queue_depth,
     worker_exiting,
 )
@@ -113,13 +116,21 @@ def routes(
     # One rule set for reports and crashes, loaded with the analyzer's (create_app).
     reports = ReportsEndpoint(settings, default_validator(), storage, analyzer.rules)
     crashpad = CrashpadEndpoint(settings, storage, analyzer.blobs, analyzer.stored)
-    health = HealthEndpoint(storage)
+    health = HealthEndpoint(storage, processing=analyzer.options.processors)
 
     async def queue_now() -> None:
         queue_depth(storage.health().queue_depth)
 
+    async def backlog_now() -> None:
+        backlog = await health.backlog()
+        if backlog is not None:
+            age = 0.0
+            if backlog.oldest_received_at is not None:
+                age = max(0.0, time.time() - backlog.oldest_received_at / 1000)
+            crash_backlog(backlog.pending, age)
+
     hooks = scrape_hooks if scrape_hooks is not None else []
-    hooks.insert(0, queue_now)
+    hooks[:0] = [queue_now, backlog_now]
     ingest_middleware = [
         Middleware(
             CORSMiddleware,
@@ -176,7 +187,8 @@ def create_app(
     rules = settings.fingerprint_rule_set()
     alert_config: AlertConfig = settings.alert_config()
     alerts = AlertService(storage, alert_config, settings.public_url)
-    analyzer = DumpAnalyzer(storage, blobs, rules)
+    analyzer = DumpAnalyzer(storage, blobs, rules, settings.processing_options())
+    analyzer.on_outcome = crash_parsed
     # Async callbacks /metrics awaits before it renders, to set gauges from a storage read;
     # add to app.state.metrics_hooks (README "Metrics").
     scrape_hooks: list[ScrapeHook] = []

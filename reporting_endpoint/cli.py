@@ -1,4 +1,4 @@
-"""Command line: serve, export, stats, prune, delete, copy, issues, regroup, header: thin
+"""Command line: serve, process, export, stats, prune, delete, copy, issues, regroup, header: thin
 wrappers over the working modules."""
 
 from __future__ import annotations
@@ -83,6 +83,14 @@ SETTING_HELP: dict[str, str] = {
     " environment variable (a flag is visible to other local users in ps)",
     "public_url": "the service's external base URL: alerts link to"
     " <public_url>/dashboard/issues/<id> (default: no links)",
+    "processors": "child processes that parse dumps, per serving process; 0: only store,"
+    " leave parsing to `reporting-endpoint process` (default: the spare cores, at least 1)",
+    "process_batch": "crashes one processor claim takes (default 8)",
+    "process_lease_seconds": "seconds a claimed crash is held before another processor may"
+    " take it (default 300)",
+    "process_max_attempts": "claims a crash gets before it is marked failed (default 3)",
+    "process_poll_seconds": "seconds between looks for crashes stored by other processes"
+    " (default 2)",
 }
 _CHOICES = {
     "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],
@@ -138,6 +146,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             options["metavar"] = _METAVAR_OF.get(f.name) or _METAVARS.get(
                 type_name, f.name.rsplit("_", 1)[-1].upper()
             )
+            metavar = _METAVARS.get(type_name, f.name.rsplit("_", 1)[-1].upper())
+            options["metavar"] = "N" if f.name == "processors" else metavar
         parser.add_argument(flag, type=_flag_type(type_name), **options)
 
 
@@ -158,6 +168,14 @@ def _serve(args: argparse.Namespace) -> int:
     settings.alert_config()
     serve(settings)
     return 0
+
+
+def _process(args: argparse.Namespace) -> int:
+    from reporting_endpoint.process_command import process
+
+    settings = settings_from_args(args)
+    settings.fingerprint_rule_set()
+    return process(settings)
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the HTTP service")
     _add_setting_flags(serve)
+
+    process = commands.add_parser(
+        "process",
+        help="parse stored crashes (on this or another host) until stopped; takes serve's"
+        " flags (--database, --blob-store, --processors, ...)",
+    )
+    _add_setting_flags(process)
 
     export = commands.add_parser("export", help="write stored reports or crashes as JSONL or CSV")
     export.add_argument("--db", type=Path, help="SQLite file to read")
@@ -323,6 +348,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "process":
+            return _process(args)
         if args.command in STORE_COMMANDS:
             from reporting_endpoint import store_commands
 

@@ -11,9 +11,10 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
+from isal import isal_zlib
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import PlainTextResponse, Response
@@ -35,6 +36,8 @@ CHUNK = 64 * 1024  # most bytes one decompress step may produce: bounds memory p
 MAX_QUERY_BYTES = 4096
 
 log = logging.getLogger("reporting_endpoint.crashpad")
+# isal's stub types its error as an instance; it is the class ISA-L raises on a bad stream.
+_INFLATE_ERRORS: tuple[type[Exception], ...] = (cast(type[Exception], isal_zlib.error), zlib.error)
 
 
 class UploadRejected(Exception):
@@ -149,13 +152,14 @@ class _Gunzip:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.total = 0
-        self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        # ISA-L's inflate: the same stream API as zlib's, about twice as fast on dumps.
+        self.inflater = isal_zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
 
     def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
         while data and not self.inflater.eof:
             try:
                 out = self.inflater.decompress(data, CHUNK)
-            except zlib.error:
+            except _INFLATE_ERRORS:
                 raise UploadRejected(400, "bad_gzip") from None
             self.total += len(out)
             if self.total > self.limit:

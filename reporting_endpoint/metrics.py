@@ -161,8 +161,9 @@ def crash_stored(upload_bytes: int) -> None:
     CRASH_UPLOAD_BYTES.inc(upload_bytes)
 
 
-def crash_parsed(outcome: Literal["ok", "failed", "not_a_minidump"]) -> None:
-    """For the dump processing: one dump parsed (or not)."""
+def crash_parsed(outcome: str) -> None:
+    """For the dump processing: ``parsed``, ``failed`` (the dump could not be read),
+    ``gave_up`` (its attempts ran out) or ``processor_died`` (a processor died with it)."""
     CRASH_PARSE.labels(_safe(outcome)).inc()
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reporting_endpoint.alerts.rules import AlertConfig
+    from reporting_endpoint.analysis import ProcessingOptions
     from reporting_endpoint.issues.releases import ReleaseSource
     from reporting_endpoint.issues.rules import RuleSet
 
@@ -126,6 +127,17 @@ class Settings:
     webhook_secret: str | None = field(default=None, repr=False)
     # The service's external base URL: alerts link to <public_url>/dashboard/issues/<id>.
     public_url: str | None = None
+    # Crash processing (README "Crash processing"): dumps are parsed in this many child
+    # processes per serving process (unset: what the machine can spare; 0: this service only
+    # stores, and `reporting-endpoint process` parses), fed from the database.
+    processors: int | None = None
+    # Crashes one claim takes; how long a claim lasts before another processor may take the
+    # crash; claims a crash gets before it is marked failed; how often the database is asked
+    # for crashes stored by other processes.
+    process_batch: int = 8
+    process_lease_seconds: float = 300.0
+    process_max_attempts: int = 3
+    process_poll_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -146,6 +158,10 @@ class Settings:
             "header_timeout",
             "body_timeout",
             "timeout_keep_alive",
+            "process_batch",
+            "process_lease_seconds",
+            "process_max_attempts",
+            "process_poll_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
@@ -153,6 +169,8 @@ class Settings:
             raise SettingsError("retention_days must be 1 or more (or unset to keep everything)")
         if self.duplicate_tolerance_ms < 0:
             raise SettingsError("duplicate_tolerance_ms must not be negative (0 turns it off)")
+        if self.processors is not None and not 0 <= self.processors <= 256:
+            raise SettingsError("processors must be 0..256 (unset: the spare cores)")
         if self.duplicate_window_minutes <= 0:
             raise SettingsError("duplicate_window_minutes must be positive")
         if self.secret_key is not None and len(self.secret_key) < MIN_SECRET_KEY:
@@ -262,6 +280,23 @@ class Settings:
             return AlertConfig.load(self.alert_rules, extra=default.channels)
         except AlertRulesError as exc:
             raise SettingsError(f"alert_rules: {exc}") from None
+
+    def processing_options(self) -> ProcessingOptions:
+        """How this process processes crashes; ``processors`` unset: the machine's cores less
+        the serving processes, shared among them, at least one."""
+        from reporting_endpoint.analysis import ProcessingOptions
+        from reporting_endpoint.processing import default_processors
+
+        processors = self.processors
+        if processors is None:
+            processors = default_processors(self.workers)
+        return ProcessingOptions(
+            processors=processors,
+            batch=self.process_batch,
+            lease_seconds=self.process_lease_seconds,
+            max_attempts=self.process_max_attempts,
+            poll_seconds=self.process_poll_seconds,
+        )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -256,10 +257,11 @@ def test_s3_reads_the_standard_variables(
 
 def test_sweep_removes_only_old_temp_files(store: BlobStore, data_dir: Path) -> None:
     old, fresh = store.writer(), store.writer()
+    fresh_path = fresh.path  # a part spilled to its temp file (small ones start in memory)
     long_ago = time.time() - 7200
     os.utime(old.path, (long_ago, long_ago))
     assert run(store.sweep) == 1
-    assert temp_files(data_dir) == [fresh.path]
+    assert temp_files(data_dir) == [fresh_path]
     fresh.discard()
 
 
@@ -302,3 +304,36 @@ def test_uploads_share_a_shard_and_a_removal_excludes_them(tmp_path: Path) -> No
     asyncio.run(scenario())
     # The locks are folders: a listing of the data folder shows no file that is not a blob.
     assert [p for p in (tmp_path / "locks").rglob("*") if p.is_file()] == []
+
+
+def test_a_known_upload_part_never_touches_a_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: an upload whose parts are all stored already (the 20 identical attachments)
+    is held in memory and committed without a temp file, a write, an fsync or a rename; the
+    blob's mtime still moves to the commit (a running deletion then leaves it alone)."""
+    store = FilesystemBlobStore(tmp_path / "data")
+    run(store.start)
+    first = run(lambda: store_bytes(store, DUMP))
+    path = store.path(first.key)
+    before = path.stat()
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))
+    created = _count_calls(monkeypatch, tempfile, "mkstemp")
+    fsyncs = _count_calls(monkeypatch, os, "fsync")
+
+    async def twenty() -> list[StoredBlob]:
+        writers = []
+        for _ in range(20):
+            writer = store.writer()
+            writer.write(DUMP)
+            writers.append(writer)
+        assert temp_files(tmp_path / "data") == []  # held in memory while the body streams
+        return await store.commit_all(writers)
+
+    stored = run(twenty)
+    assert {blob.key for blob in stored} == {first.key}
+    assert created == [] and fsyncs == []
+    after = path.stat()
+    assert after.st_ino == before.st_ino
+    assert after.st_mtime_ns >= before.st_mtime_ns
+    assert temp_files(tmp_path / "data") == []

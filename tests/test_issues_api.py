@@ -347,12 +347,10 @@ def test_a_mixed_change_is_refused_in_the_api_field_names(
 
 
 def test_a_crash_left_pending_gets_its_issue_after_a_restart(
-    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, tmp_path: Path
 ) -> None:
     """The process died between the answer and the parse: the next start parses the dump
     and files the crash under its issue, from the stored row (release included)."""
-    from reporting_endpoint.analysis import DumpAnalyzer
-
     # The annotations Electron's crashReporter sends (the handler arguments in
     # fixtures/crashpad/b_.../headers.json), around a real Electron dump.
     fields = {"prod": "Electron", "ver": "33.2.1", "_productName": "ExampleApp",
@@ -360,16 +358,12 @@ def test_a_crash_left_pending_gets_its_issue_after_a_restart(
     body = dump_upload(
         (MINIDUMPS / "win-x64_electron_node-minidump_windows.dmp").read_bytes(), fields
     )
-    with monkeypatch.context() as patched:
-        patched.setattr(DumpAnalyzer, "stored", lambda self, crash: None)  # never parsed
-        with service(database_url, tmp_path) as client:
-            posted = client.post(
-                "/crashpad", content=body, headers={"content-type": content_type()}
-            )
-            crash_id = posted.text
-            assert issues(client, "?kind=native") == []
-            pending = client.get(f"/api/crashes/{crash_id}", headers=READ).json()
-            assert pending["parse_status"] == "pending"
+    with service(database_url, tmp_path, processors=0) as client:  # stores, never parses
+        posted = client.post("/crashpad", content=body, headers={"content-type": content_type()})
+        crash_id = posted.text
+        assert issues(client, "?kind=native") == []
+        pending = client.get(f"/api/crashes/{crash_id}", headers=READ).json()
+        assert pending["parse_status"] == "pending"
     with service(database_url, tmp_path) as client:
         analyzer = client.app.state.analyzer  # type: ignore[attr-defined]
         client.portal.call(analyzer.idle)  # type: ignore[union-attr]

@@ -280,14 +280,14 @@ def test_the_collectors_for_other_parts_bound_their_labels() -> None:
     its URL by mistake still does not become a label value."""
     metrics.alert_delivery("https://hooks.example.com/T0/B0", "failed")
     metrics.alert_delivery("webhook", "sent")
-    metrics.crash_parsed("ok")
+    metrics.crash_parsed("parsed")
     text = metrics.render().decode()
     assert "hooks.example.com" not in text
     found = samples(text)
     deliveries = "reporting_endpoint_alert_deliveries_total"
     assert total(found, deliveries, channel="other", outcome="failed") >= 1
     assert total(found, deliveries, channel="webhook", outcome="sent") >= 1
-    assert total(found, "reporting_endpoint_crash_parse_total", outcome="ok") >= 1
+    assert total(found, "reporting_endpoint_crash_parse_total", outcome="parsed") >= 1
 
 
 # --- scrape hooks ---------------------------------------------------------------------------
@@ -456,3 +456,31 @@ def test_a_failing_counter_never_fails_a_committed_upload(
     assert answer.status_code == 200 and answer.json()["accepted"] == 1
     assert crash.status_code == 200 and len(crash.text) == 32
     assert len(reports) == 1 and found == 200
+
+
+def test_parsed_dumps_and_the_backlog_reach_metrics(database_url: str, tmp_path: Path) -> None:
+    """The processors' outcomes are counted, and the backlog gauges are read from the
+    database at scrape time: a dump waiting shows, then none once it is parsed."""
+    settings = Settings(database=database_url, blob_store=str(tmp_path / "blobs"), processors=0)
+    parsed = "reporting_endpoint_crash_parse_total"
+    with TestClient(create_app(settings)) as client:
+        before = total(samples(client.get("/metrics").text), parsed, outcome="parsed")
+        answer = client.post(
+            "/crashpad", content=dump_upload(DUMP), headers={"content-type": content_type()}
+        )
+        assert answer.status_code == 200, answer.text
+        time.sleep(1.1)  # past /healthz's one-second cache of the backlog
+        waiting = samples(client.get("/metrics").text)
+        assert total(waiting, "reporting_endpoint_crash_backlog_crashes") == 1
+        assert total(waiting, "reporting_endpoint_crash_backlog_oldest_age_seconds") >= 1
+    with TestClient(create_app(settings.replace(processors=1))) as client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = samples(client.get("/metrics").text)
+            if total(found, parsed, outcome="parsed") > before:
+                break
+            time.sleep(0.2)
+        assert total(found, parsed, outcome="parsed") == before + 1
+        time.sleep(1.1)
+        drained = samples(client.get("/metrics").text)
+        assert total(drained, "reporting_endpoint_crash_backlog_crashes") == 0

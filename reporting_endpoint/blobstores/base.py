@@ -13,11 +13,12 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 # The only keys a store hands out or accepts: whatever a row holds, no other name reaches a
 # folder or a bucket (rows are written by us, but a restored or hand-edited database is data).
@@ -72,41 +73,114 @@ def validate_key(key: str) -> str:
     return key
 
 
-class BlobWriter:
-    """A local temp file being written: hashes and counts as it goes; ``head`` keeps the first
-    bytes (the caller checks the ``MDMP`` magic before committing).
+class SpoolBudget:
+    """Bytes of upload parts a process may hold in memory at once, shared by its writers.
 
-    Both stores take uploads this way: the body arrives at the client's pace, and S3 gets one
-    PUT of a finished file instead of a multipart upload held open by a slow client. ``write``
-    is a page-cache write from the multipart callbacks, as it was before the protocol.
+    A part that fits stays in memory until its commit: content stored already (the usual case
+    for attachments, and for a dump uploaded twice) then costs no temp file at all, and a new
+    blob is written to its temp file on the commit's thread, not on the event loop.
     """
 
-    def __init__(self, folder: Path) -> None:
-        # mkstemp creates the file 0600: dumps hold process memory.
-        descriptor, name = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-        self.path = Path(name)
-        self.file = os.fdopen(descriptor, "wb")
+    def __init__(self, total: int, per_part: int) -> None:
+        self.available = total
+        self.per_part = per_part
+        self._lock = threading.Lock()  # commits give back from worker threads
+
+    def take(self, held: int, more: int) -> bool:
+        if held + more > self.per_part:
+            return False
+        with self._lock:
+            if more > self.available:
+                return False
+            self.available -= more
+            return True
+
+    def give_back(self, amount: int) -> None:
+        with self._lock:
+            self.available += amount
+
+
+class BlobWriter:
+    """One upload part being received: hashes and counts as it goes; ``head`` keeps the first
+    bytes (the caller checks the ``MDMP`` magic before committing).
+
+    The bytes go to a local temp file (``path``, ``file``), or, with a ``SpoolBudget``, stay in
+    memory while the budget allows and reach a temp file only when ``path`` or ``file`` is
+    first asked for. Both stores take uploads this way: the body arrives at the client's pace,
+    and S3 gets one PUT of a finished file instead of a multipart upload held open by a slow
+    client.
+    """
+
+    def __init__(self, folder: Path, spool: SpoolBudget | None = None) -> None:
+        self.folder = folder
         self.hash = hashlib.sha256()
         self.size = 0
         self.head = b""
+        self._spool = spool
+        self._memory: bytearray | None = bytearray() if spool is not None else None
+        self._path: Path | None = None
+        self._file: BinaryIO | None = None
+        if self._memory is None:
+            self._open()
+
+    def _open(self) -> None:
+        # mkstemp creates the file 0600: dumps hold process memory.
+        descriptor, name = tempfile.mkstemp(dir=self.folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+        self._path = Path(name)
+        self._file = os.fdopen(descriptor, "wb")
+        if self._memory is not None:
+            self._file.write(self._memory)
+            self._release_memory()
+
+    def _release_memory(self) -> None:
+        if self._memory is not None and self._spool is not None:
+            self._spool.give_back(len(self._memory))
+        self._memory = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._open()
+        assert self._path is not None
+        return self._path
+
+    @property
+    def file(self) -> BinaryIO:
+        if self._file is None:
+            self._open()
+        assert self._file is not None
+        return self._file
+
+    @property
+    def in_memory(self) -> bool:
+        return self._memory is not None
 
     def write(self, data: bytes) -> None:
         if len(self.head) < 8:
             self.head += data[: 8 - len(self.head)]
         self.hash.update(data)
-        self.file.write(data)
         self.size += len(data)
+        if self._memory is not None:
+            assert self._spool is not None
+            if self._spool.take(len(self._memory), len(data)):
+                self._memory += data
+                return
+            self._open()
+        self.file.write(data)
 
     @property
     def sha256(self) -> str:
         return self.hash.hexdigest()
 
     def discard(self) -> None:
-        """Drop the temp file (a rejected upload, or one whose content is stored already)."""
-        with contextlib.suppress(OSError):
-            self.file.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        """Drop the part (a rejected upload, or one whose content is stored already)."""
+        self._release_memory()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                self._path.unlink()
 
 
 class BlobLocks(Protocol):

@@ -54,11 +54,14 @@ class ShardLocks:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        # Shard folders made already: a 20-attachment upload spent more time in mkdir than
+        # in hashing (the issue-14 profile). Lock folders are never removed while running.
+        self._made: set[Path] = set()
 
     def _shards(self, keys: Iterable[str]) -> list[Path]:
         # Sorted, so two holders of several shards always take them in the same order and
         # cannot wait on each other in a cycle.
-        names = sorted({validate_key(key).split("/")[1] for key in keys})
+        names = sorted({validate_key(key)[6:8] for key in keys})  # blobs/<ab>/...
         return [self.folder / name for name in names]
 
     @asynccontextmanager
@@ -88,8 +91,10 @@ class ShardLocks:
                 _release(descriptors)
 
     async def _take(self, paths: list[Path], mode: int, wait: float) -> list[int] | None:
-        if paths:
-            make_private_dirs(self.folder, *paths)
+        missing = [path for path in paths if path not in self._made]
+        if missing:
+            make_private_dirs(self.folder, *missing)
+            self._made.update(missing)
         deadline = time.monotonic() + wait
         taken: list[int] = []
         try:

@@ -93,6 +93,24 @@ class PendingCrash:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim took: crashes leased to the claimer, and how many it marked failed
+    instead (out of attempts: each earlier attempt ended without a result)."""
+
+    crashes: tuple[PendingCrash, ...]
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Crashes waiting to be processed, and when the oldest of them was received (ms since
+    the epoch; None when none waits)."""
+
+    pending: int
+    oldest_received_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     """One keyset page of JSON-ready items (reports, crashes or quarantined reports), newest
     first; ``next`` is where the following page starts, None on the last one."""
@@ -231,6 +249,18 @@ class Storage(AlertStore, Protocol):
 
     async def record_crash_failure(self, crash_id: str, error: str) -> None: ...
 
+    async def claim_crashes(
+        self, owner: str, limit: int, *, lease_ms: int, max_attempts: int
+    ) -> Claim:
+        """Lease up to ``limit`` pending crashes to ``owner`` for ``lease_ms``, oldest first,
+        each with one more attempt counted; no two claimers get the same crash while its lease
+        lasts. Crashes already tried ``max_attempts`` times are marked failed instead."""
+        ...
+
+    async def release_crashes(self, owner: str, crash_ids: Sequence[str]) -> None:
+        """End ``owner``'s leases on these still pending crashes now (attempts stay counted)."""
+        ...
+
     async def prune(self, older_than_ms: int, *, crashes: bool = True) -> Deletion:
         """Delete reports (counters kept exact) and, with ``crashes``, crash rows received
         before ``older_than_ms``; answers the blobs no remaining crash references."""
@@ -258,6 +288,10 @@ class Storage(AlertStore, Protocol):
 
     async def pending_crashes(self, limit: int) -> tuple[PendingCrash, ...]:
         """Crashes not parsed yet, oldest first."""
+        ...
+
+    async def processing_backlog(self) -> Backlog:
+        """How many crashes wait to be processed and the oldest one's time (an index read)."""
         ...
 
     async def groups(

@@ -23,6 +23,11 @@ _INTEGER_FACTS = frozenset({"exception_code", "crash_address", "crashing_thread"
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
+def _done(parameter: int) -> str:
+    """A result ends the claim on the row (processing.py), with the time it came."""
+    return f"claimed_by = NULL, lease_until = NULL, processed_at = ${parameter}"
+
+
 def _text(value: str | None) -> str | None:
     return None if value is None else clean_text(value)
 
@@ -99,9 +104,10 @@ async def record_facts(
     await connection.execute("SAVEPOINT facts")
     try:
         await connection.execute(
-            f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments}"
-            f" WHERE id = ${len(FACT_COLUMNS) + 1}",
+            f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments},"
+            f" {_done(len(FACT_COLUMNS) + 1)} WHERE id = ${len(FACT_COLUMNS) + 2}",
             *values,
+            now_ms,
             crash_id,
         )
     # Server-side data errors (class 22), and asyncpg's own when it cannot encode a value.
@@ -109,10 +115,11 @@ async def record_facts(
         await connection.execute("ROLLBACK TO SAVEPOINT facts")
         signature = facts.get("signature")
         await connection.execute(
-            "UPDATE crashes SET parse_status = 'failed', parse_error = $1, signature = $2"
-            " WHERE id = $3",
+            "UPDATE crashes SET parse_status = 'failed', parse_error = $1, signature = $2,"
+            f" {_done(3)} WHERE id = $4",
             clean_text(f"facts not stored: {type(exc).__name__}: {exc}"[:500]),
             clean_text(signature) if isinstance(signature, str) else "unparseable dump",
+            now_ms,
             crash_id,
         )
     else:
@@ -141,11 +148,14 @@ async def _assign_issue(
     )
 
 
-async def record_failure(connection: asyncpg.Connection, crash_id: str, error: str) -> None:
+async def record_failure(
+    connection: asyncpg.Connection, crash_id: str, error: str, now_ms: int = 0
+) -> None:
     await connection.execute(
-        "UPDATE crashes SET parse_status = 'failed', parse_error = $1, signature = $2"
-        " WHERE id = $3",
+        "UPDATE crashes SET parse_status = 'failed', parse_error = $1, signature = $2,"
+        f" {_done(3)} WHERE id = $4",
         clean_text(error[:500]),
         "unparseable dump",
+        now_ms,
         crash_id,
     )

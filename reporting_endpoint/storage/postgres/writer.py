@@ -57,6 +57,8 @@ Job = Callable[[asyncpg.Connection], Awaitable[Any]]
 DAY_MS = 86_400_000
 # One transaction takes at most this many reports (bounds one COPY and its round trip).
 MAX_REPORTS_PER_COMMIT = 2000
+# One transaction takes at most this many groupable jobs (crash rows, parse results).
+MAX_JOBS_PER_COMMIT = 256
 # A crashed writer task (a bug, not a lost connection) is restarted this many times in a row
 # (a commit resets the count); then the storage stays down.
 MAX_WRITER_RESTARTS = 5
@@ -85,6 +87,9 @@ class _Job:
     run: Job
     timeout: float
     done: asyncio.Future[Any] = field(repr=False)
+    # Small row writes (a crash row, a parse result) that may share a transaction with the
+    # jobs queued next to them, each under a savepoint of its own.
+    groupable: bool = False
 
 
 class PostgresWriter:
@@ -98,7 +103,7 @@ class PostgresWriter:
         self._pending: deque[_Pending] = deque()
         self._jobs: deque[_Job] = deque()
         self._inflight: list[_Pending] = []
-        self._inflight_job: _Job | None = None
+        self._inflight_jobs: list[_Job] = []
         self._pending_rows = 0
         self._wakeup: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
@@ -202,13 +207,16 @@ class PostgresWriter:
         # A client that hangs up cancels only this future; its rows are still written.
         await done
 
-    async def run_job(self, job: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def run_job(
+        self, job: Callable[[asyncpg.Connection], Awaitable[T]], *, groupable: bool = False
+    ) -> T:
         """Run ``job`` on the write connection in a transaction of its own, between groups
-        (crash rows, facts, prune, deletion). Backend-internal."""
+        (crash rows, facts, prune, deletion); ``groupable`` jobs queued together share one
+        transaction, each under a savepoint. Backend-internal."""
         self._check_accepting()
         assert self._wakeup is not None
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(job, self.limits.job_timeout, done))
+        self._jobs.append(_Job(job, self.limits.job_timeout, done, groupable))
         self._wakeup.set()
         return await done
 
@@ -298,11 +306,10 @@ class PostgresWriter:
         self._inflight = []
         self._pending.clear()
         self._pending_rows = 0
-        jobs = [*self._jobs, *([self._inflight_job] if self._inflight_job else [])]
-        for job in jobs:
+        for job in [*self._jobs, *self._inflight_jobs]:
             _resolve(job.done, error)
         self._jobs.clear()
-        self._inflight_job = None
+        self._inflight_jobs = []
 
     async def _run(self) -> None:
         assert self._wakeup is not None
@@ -311,15 +318,67 @@ class PostgresWriter:
             self._wakeup.clear()
             while self._pending or self._jobs:
                 if self._jobs:
-                    self._inflight_job = self._jobs.popleft()
-                    await self._run_job(self._inflight_job)
-                    self._inflight_job = None
+                    self._inflight_jobs = self._take_jobs()
+                    if len(self._inflight_jobs) == 1:
+                        await self._run_job(self._inflight_jobs[0])
+                    else:
+                        await self._run_jobs(self._inflight_jobs)
+                    self._inflight_jobs = []
                 if self._pending:
                     self._inflight = self._take_group()
                     await self._commit_group(self._inflight)
                     self._inflight = []
             if self._closing and not self._pending and not self._jobs:
                 return
+
+    def _take_jobs(self) -> list[_Job]:
+        jobs = [self._jobs.popleft()]
+        if jobs[0].groupable:
+            while self._jobs and self._jobs[0].groupable and len(jobs) < MAX_JOBS_PER_COMMIT:
+                jobs.append(self._jobs.popleft())
+        return jobs
+
+    async def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Several groupable jobs in one transaction, each under a savepoint: one that fails
+        (its own data) fails alone; a lost connection, a lock timeout or a deadlock is the
+        whole transaction's (retried, or failed for all)."""
+
+        async def work(connection: asyncpg.Connection) -> list[tuple[bool, Any]]:
+            outcomes: list[tuple[bool, Any]] = []
+            for job in jobs:
+                await connection.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((True, await job.run(connection)))
+                except TRANSIENT:
+                    raise
+                except asyncpg.exceptions.LockNotAvailableError:
+                    raise
+                except Exception as exc:
+                    if is_unavailable(exc, connection):
+                        raise
+                    await connection.execute("ROLLBACK TO SAVEPOINT job")
+                    outcomes.append((False, exc))
+                await connection.execute("RELEASE SAVEPOINT job")
+            return outcomes
+
+        try:
+            outcomes = await self._transaction(work, max(job.timeout for job in jobs))
+        except _ConnectionLost:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, StorageBusy | StorageError):
+                log.exception("write jobs failed")
+            for job in jobs:
+                _resolve(job.done, exc)
+            return
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
+            if job.done.done():
+                continue
+            if ok:
+                job.done.set_result(value)
+            else:
+                log.error("write job failed", exc_info=value)
+                _resolve(job.done, value)
 
     def _take_group(self) -> list[_Pending]:
         group: list[_Pending] = []

@@ -38,6 +38,8 @@ def insert_crash(connection: sqlite3.Connection, crash: NewCrash) -> None:
 
 
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+# A result ends the claim on the row (processing.py), with the time it came.
+_DONE = "claimed_by = NULL, lease_until = NULL, processed_at = ?"
 
 
 def _text(value: str) -> str:
@@ -82,18 +84,19 @@ def record_facts(
     values = [_fact_value(name, facts.get(name)) for name in FACT_COLUMNS]
     try:
         connection.execute(
-            f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments}"
-            " WHERE id = ?",
-            (*values, crash_id),
+            f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments},"
+            f" {_DONE} WHERE id = ?",
+            (*values, now_ms, crash_id),
         )
     except (OverflowError, ValueError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
         signature = facts.get("signature")
         connection.execute(
-            "UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ?"
-            " WHERE id = ?",
+            "UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ?,"
+            f" {_DONE} WHERE id = ?",
             (
                 _text(f"facts not stored: {type(exc).__name__}: {exc}"[:500]),
                 _text(signature) if isinstance(signature, str) else "unparseable dump",
+                now_ms,
                 crash_id,
             ),
         )
@@ -129,8 +132,11 @@ def assign_issue(
     )
 
 
-def record_failure(connection: sqlite3.Connection, crash_id: str, error: str) -> None:
+def record_failure(
+    connection: sqlite3.Connection, crash_id: str, error: str, now_ms: int = 0
+) -> None:
     connection.execute(
-        "UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ? WHERE id = ?",
-        (error[:500], "unparseable dump", crash_id),
+        f"UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ?, {_DONE}"
+        " WHERE id = ?",
+        (error[:500], "unparseable dump", now_ms, crash_id),
     )

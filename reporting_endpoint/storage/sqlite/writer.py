@@ -42,6 +42,8 @@ MAX_REPORTS_PER_COMMIT = 1000
 # While another process holds the write lock, the writer thread waits in steps this long, so it
 # notices its deadline, and a writer that was torn down, within one step.
 LOCK_WAIT_STEP_MS = 100
+# One transaction takes at most this many groupable jobs (crash rows, parse results).
+MAX_JOBS_PER_COMMIT = 256
 # A crashed writer task is restarted this many times in a row (a commit resets the count), after
 # a delay that doubles from the first value up to the second; then the storage stays down.
 MAX_WRITER_RESTARTS = 5
@@ -62,6 +64,9 @@ class _Pending:
 class _Job:
     run: Callable[[sqlite3.Connection], Any]
     done: asyncio.Future[Any] = field(repr=False)
+    # Small row writes (a crash row, a parse result) that may share a transaction with the
+    # jobs queued next to them, each under a savepoint of its own.
+    groupable: bool = False
 
 
 class SQLiteWriter:
@@ -98,7 +103,7 @@ class SQLiteWriter:
         self._jobs: deque[_Job] = deque()
         # What the writer has taken off the queues and not resolved yet (failed if it crashes).
         self._inflight: list[_Pending] = []
-        self._inflight_job: _Job | None = None
+        self._inflight_jobs: list[_Job] = []
         self._pending_rows = 0
         self._wakeup: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -214,16 +219,20 @@ class SQLiteWriter:
         # A client that hangs up cancels only this future; its rows are still written.
         await done
 
-    async def run_job(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    async def run_job(
+        self, job: Callable[[sqlite3.Connection], T], *, groupable: bool = False
+    ) -> T:
         """Run ``job`` on the write connection in a transaction of its own, between groups.
 
         For crash rows and maintenance (pruning, deletion): it goes through the writer, so it
-        never contends with it. Backend-internal: callers use the storage protocol.
+        never contends with it. ``groupable`` jobs queued together share one transaction (one
+        fsync), each under a savepoint, so one that fails fails alone. Backend-internal:
+        callers use the storage protocol.
         """
         self._check_accepting()
         assert self._wakeup is not None
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(job, done))
+        self._jobs.append(_Job(job, done, groupable))
         self._wakeup.set()
         return await done
 
@@ -272,12 +281,11 @@ class SQLiteWriter:
         self._inflight = []
         self._pending.clear()
         self._pending_rows = 0
-        jobs = [*self._jobs, *([self._inflight_job] if self._inflight_job else [])]
-        for job in jobs:
+        for job in [*self._jobs, *self._inflight_jobs]:
             if not job.done.done():
                 job.done.set_exception(_storage_error(error))
         self._jobs.clear()
-        self._inflight_job = None
+        self._inflight_jobs = []
 
     async def _run(self) -> None:
         assert self._wakeup is not None
@@ -286,9 +294,12 @@ class SQLiteWriter:
             self._wakeup.clear()
             while self._pending or self._jobs:
                 if self._jobs:
-                    self._inflight_job = self._jobs.popleft()
-                    await self._run_job(self._inflight_job)
-                    self._inflight_job = None
+                    self._inflight_jobs = self._take_jobs()
+                    if len(self._inflight_jobs) == 1:
+                        await self._run_job(self._inflight_jobs[0])
+                    else:
+                        await self._run_jobs(self._inflight_jobs)
+                    self._inflight_jobs = []
                 if self._pending:
                     self._inflight = self._take_group()
                     await self._commit_group(self._inflight)
@@ -355,6 +366,58 @@ class SQLiteWriter:
             self._crashes = 0
             if not job.done.done():
                 job.done.set_result(result)
+
+    def _take_jobs(self) -> list[_Job]:
+        jobs = [self._jobs.popleft()]
+        if jobs[0].groupable:
+            while self._jobs and self._jobs[0].groupable and len(jobs) < MAX_JOBS_PER_COMMIT:
+                jobs.append(self._jobs.popleft())
+        return jobs
+
+    async def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Several groupable jobs in one transaction, each under a savepoint."""
+
+        def in_transaction(connection: sqlite3.Connection) -> list[tuple[bool, Any]]:
+            self._begin_waiting(connection)
+            outcomes: list[tuple[bool, Any]] = []
+            try:
+                for job in jobs:
+                    connection.execute("SAVEPOINT job")
+                    try:
+                        outcomes.append((True, job.run(connection)))
+                    except Exception as exc:
+                        connection.execute("ROLLBACK TO job")
+                        outcomes.append((False, exc))
+                    connection.execute("RELEASE job")
+                connection.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    connection.execute("ROLLBACK")
+                raise
+            return outcomes
+
+        connection = self._write_conn
+        assert connection is not None
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._executor, in_transaction, connection
+            )
+        except Exception as exc:
+            if not isinstance(exc, StorageBusy):
+                log.exception("write jobs failed")
+            for job in jobs:
+                if not job.done.done():
+                    job.done.set_exception(_storage_error(exc))
+            return
+        self._crashes = 0
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
+            if job.done.done():
+                continue
+            if ok:
+                job.done.set_result(value)
+            else:
+                log.error("write job failed", exc_info=value)
+                job.done.set_exception(_storage_error(value))
 
     def _take_group(self) -> list[_Pending]:
         group: list[_Pending] = []
