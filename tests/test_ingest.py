@@ -213,6 +213,9 @@ def test_healthz(client: TestClient) -> None:
         "writer_alive": True,
         "queue_depth": 0,
         "queue_capacity": Settings().queue_size,
+        "crash_backlog": 0,
+        "crash_backlog_age_seconds": None,
+        "crash_processors": client.app.state.analyzer.options.processors,  # type: ignore[attr-defined]
     }
 
 

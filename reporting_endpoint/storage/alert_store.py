@@ -8,10 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import orjson
-
-from reporting_endpoint.storage.rows import iso_time
-
 # What an ingest transaction records for the evaluator (README "Alerts").
 EventTrigger = Literal["new_issue", "regressed"]
 NEW_ISSUE: EventTrigger = "new_issue"
@@ -110,11 +106,17 @@ EVENT_ISSUE_COLUMNS = (
 
 
 def _time(ms: object) -> str | None:
+    # Imported here: storage.base includes this module, and commands such as `header` import
+    # storage.base without wanting a JSON library loaded (tests/test_headers.py).
+    from reporting_endpoint.storage.rows import iso_time
+
     return None if ms is None else iso_time(int(ms))  # type: ignore[call-overload]
 
 
 def alert_json(row: Sequence[Any]) -> dict[str, Any]:
     """An outbox row (``OUTBOX_COLUMNS``) as ``GET /api/alerts`` shows it."""
+    import orjson  # see _time
+
     (rid, key, rule, channel, trigger, issue_id, payload, created, status, attempts,
      next_at, finished, error) = row  # fmt: skip
     return {
