@@ -20,6 +20,7 @@ from reporting_endpoint.analysis import DumpAnalyzer
 from reporting_endpoint.api import BearerTokenMiddleware, api_routes
 from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
 from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
+from reporting_endpoint.daily import roll_up_loop
 from reporting_endpoint.dashboard import dashboard_routes
 from reporting_endpoint.errors import EXCEPTION_HANDLERS
 from reporting_endpoint.grouping import warm_up
@@ -69,6 +70,8 @@ def service_lifespan(
                 # Everything loaded so far lives as long as the process: moving it out of the
                 # collector's reach cut the ingest path from 68 to 49 us a request (measured).
                 gc.freeze()
+            # Every process rolls up (the first does the work; for the others it is one read).
+            roller = asyncio.create_task(roll_up_loop(storage))
             pruner = None
             if retention_days is not None:
                 # With the blob store, retention covers crashes and their blobs too.
@@ -81,10 +84,11 @@ def service_lifespan(
             finally:
                 if alerts is not None:
                     await alerts.stop()
-                if pruner is not None:
-                    pruner.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await pruner
+                for task in (pruner, roller):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                 await analyzer.stop()
                 # Drains the queue: every report already accepted is committed before exit.
                 await storage.stop()

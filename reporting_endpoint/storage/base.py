@@ -284,6 +284,12 @@ class Storage(AlertStore, Protocol):
         """The sha256 of every blob some crash row references (for the orphan sweep)."""
         ...
 
+    async def roll_up_days(self, now_ms: int) -> int:
+        """One step of rolling the hours and UTC days completed by ``now_ms`` into the coarse
+        and daily counters (off the ingest path; idempotent); how far it got, 0 once caught
+        up (a step covers a week at most: call again until 0)."""
+        ...
+
     # --- reads -------------------------------------------------------------------------
 
     async def pending_crashes(self, limit: int) -> tuple[PendingCrash, ...]:

@@ -59,6 +59,7 @@ from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
 from reporting_endpoint.storage.postgres import alerts as alert_sql
 from reporting_endpoint.storage.postgres import (
     crashes,
+    daily,
     deletion,
     issue_admin,
     issues,
@@ -332,6 +333,9 @@ class PostgresStorage(PostgresWriter):
 
     async def referenced_blobs(self) -> frozenset[str]:
         return await self._read(reads.referenced_blobs)
+
+    async def roll_up_days(self, now_ms: int) -> int:
+        return await self.run_job(partial(daily.roll_up, now_ms=now_ms))
 
     async def set_issue_status(
         self, issue_id: int, change: StatusChange, now_ms: int

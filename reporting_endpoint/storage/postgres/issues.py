@@ -1,15 +1,16 @@
 """Reading issues from PostgreSQL: the ranked issues page, one issue, and its events.
 
 The same questions and JSON as ``storage/sqlite/issues.py``. Counts come from the counters kept
-at insert (``issue_hourly``, ``issue_breakdown``): a page costs a range of the hourly table for
-the window and the window before it, plus a few key lookups for the page's own issues, never a
-scan of the reports. As in ``reads.py``, text is ordered ``COLLATE "C"`` (SQLite's byte order),
-``sum`` is cast back to bigint, and a text value holding U+0000 matches nothing.
+at insert (``issue_hourly``, ``issue_breakdown``) and the daily roll-up of completed days
+(``issue_daily``): a page costs a range of days plus the hours of the partial days at the edges,
+for the window and the window before it, plus a few key lookups for the page's own issues,
+never a scan of the reports. As in ``reads.py``, text is ordered ``COLLATE "C"`` (SQLite's
+byte order), ``sum`` is cast back to bigint, and a text value holding U+0000 matches nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from reporting_endpoint.storage.base import (
@@ -34,6 +35,7 @@ from reporting_endpoint.storage.issue_rows import (
     window,
     window_hours,
 )
+from reporting_endpoint.storage.postgres.daily import mark_day
 from reporting_endpoint.storage.postgres.reads import PgPool
 from reporting_endpoint.storage.rows import (
     CRASH_COLUMNS,
@@ -41,6 +43,7 @@ from reporting_endpoint.storage.rows import (
     crash_row_to_dict,
     report_row_to_dict,
 )
+from reporting_endpoint.storage.spans import DAY_HOURS, merged, span
 
 _ISSUE_SELECT = ", ".join(f"i.{name}" for name in ISSUE_COLUMNS)
 # The value each sort orders by (descending, then id descending), as SQL over the query below.
@@ -115,22 +118,50 @@ async def _decorate(
     attach_decorations(items, series, breakdowns, top)
 
 
+def _counted(
+    first_hour: int, last_hour: int, mark: int, arg: Callable[[object], str], only: str = ""
+) -> str:
+    """A CTE body: per issue, its events in the window (``n``) and in the window before it
+    (``pn``), from the whole rolled-up days of ``issue_daily`` and the other hours of
+    ``issue_hourly``, each an index range (adjacent ranges of the two windows joined);
+    ``only``: a condition put first (one issue's primary-key ranges)."""
+    length = last_hour - first_hour + 1
+    now = span(first_hour, last_hour, mark)
+    before = span(first_hour - length, first_hour - 1, mark)
+    first = arg(first_hour)
+    # Every hour (and day) of the window is at or after first_hour, every one before it not.
+    parts = [
+        f"SELECT issue_id, count, hour >= {first} AS w FROM issue_hourly"
+        f" WHERE {only}hour >= {arg(lo)} AND hour <= {arg(hi)}"
+        for lo, hi in merged(now.hours + before.hours)
+    ] + [
+        f"SELECT issue_id, count, day * {DAY_HOURS} >= {first} AS w FROM issue_daily"
+        f" WHERE {only}day >= {arg(lo)} AND day <= {arg(hi)}"
+        for lo, hi in merged(now.days + before.days)
+    ]
+    return (
+        "SELECT issue_id, sum(count) FILTER (WHERE w)::bigint AS n,"
+        " sum(count) FILTER (WHERE NOT w)::bigint AS pn"
+        f" FROM ({' UNION ALL '.join(parts)}) AS u GROUP BY issue_id"
+    )
+
+
 def _query(
-    filters: IssueFilters, sort: IssueSort, start: int, end: int
+    filters: IssueFilters, sort: IssueSort, start: int, end: int, mark: int
 ) -> tuple[str, list[object]]:
     """The issues of the page's query with their window and previous counts, and the sort
     value as the last column (``sv``)."""
     if sort not in ISSUE_SORTS:
         raise ValueError(f"no such sort: {sort!r}")
     first_hour, last_hour = window_hours(start, end)
-    length = last_hour - first_hour + 1
-    parameters: list[object] = [first_hour, last_hour, first_hour - length, first_hour - 1]
+    parameters: list[object] = []
     clauses: list[str] = []
 
     def arg(value: object) -> str:
         parameters.append(value)
         return f"${len(parameters)}"
 
+    counted = _counted(first_hour, last_hour, mark, arg)
     # Without a status filter only issues active in the window are listed (an hourly row
     # exists only for an hour with events, so a window sum is NULL only without any).
     if filters.status is None:
@@ -150,14 +181,9 @@ def _query(
                 "EXISTS (SELECT FROM issue_breakdown b WHERE b.issue_id = i.id"
                 f" AND b.dimension = {arg(dimension)} AND b.value = {arg(value)})"
             )
-    # The window's and the previous window's counts in one pass over one range of the
-    # hourly table's (hour, issue_id) index (SQLite reads the two ranges apart; the sums are
-    # the same): half the aggregation and one join fewer on the page's hot path.
     join = "JOIN" if filters.status is None else "LEFT JOIN"
     sql = (
-        "WITH c AS (SELECT issue_id, sum(count) FILTER (WHERE hour >= $1)::bigint AS n,"
-        " sum(count) FILTER (WHERE hour <= $4)::bigint AS pn FROM issue_hourly"
-        " WHERE hour >= $3 AND hour <= $2 GROUP BY issue_id)"
+        f"WITH c AS ({counted})"
         f" SELECT {_ISSUE_SELECT}, coalesce(c.n, 0), coalesce(c.pn, 0), {_SORT_VALUE[sort]} AS sv"
         f" FROM issues i {join} c ON c.issue_id = i.id"
         + (" WHERE " + " AND ".join(clauses) if clauses else "")
@@ -169,7 +195,7 @@ async def issues_page(
     pool: PgPool, filters: IssueFilters, sort: IssueSort, limit: int, after: str | None
 ) -> IssuePage:
     start, end = window(filters.since, filters.until)
-    sql, parameters = _query(filters, sort, start, end)
+    sql, parameters = _query(filters, sort, start, end, await mark_day(pool))
     if _unmatchable(parameters):
         return IssuePage((), None)
     n = len(parameters)
@@ -200,16 +226,18 @@ async def get_issue(
     if not _bigint(issue_id):
         return None
     first_hour, last_hour = window_hours(start, end)
-    length = last_hour - first_hour + 1
+    parameters: list[object] = [issue_id]
+
+    def arg(value: object) -> str:
+        parameters.append(value)
+        return f"${len(parameters)}"
+
+    counted = _counted(first_hour, last_hour, await mark_day(pool), arg, "issue_id = $1 AND ")
     rows = await _fetch(
         pool,
-        f"SELECT {_ISSUE_SELECT},"
-        " (SELECT coalesce(sum(count), 0)::bigint FROM issue_hourly WHERE issue_id = i.id"
-        "  AND hour >= $1 AND hour <= $2),"
-        " (SELECT coalesce(sum(count), 0)::bigint FROM issue_hourly WHERE issue_id = i.id"
-        "  AND hour >= $3 AND hour <= $4)"
-        " FROM issues i WHERE i.id = $5",
-        (first_hour, last_hour, first_hour - length, first_hour - 1, issue_id),
+        f"WITH c AS ({counted}) SELECT {_ISSUE_SELECT}, coalesce(c.n, 0), coalesce(c.pn, 0)"
+        " FROM issues i LEFT JOIN c ON c.issue_id = i.id WHERE i.id = $1",
+        parameters,
     )
     if not rows:
         return None

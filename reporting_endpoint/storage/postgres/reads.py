@@ -43,6 +43,7 @@ from reporting_endpoint.storage.filters import (
     Source,
     check_by,
 )
+from reporting_endpoint.storage.postgres import group_days
 from reporting_endpoint.storage.rows import (
     CRASH_COLUMNS,
     QUARANTINE_COLUMNS,
@@ -52,6 +53,7 @@ from reporting_endpoint.storage.rows import (
     quarantine_row_to_dict,
     report_row_to_dict,
 )
+from reporting_endpoint.storage.spans import levels
 
 # A string, so nothing subscripts asyncpg.Pool at run time (it is generic in the stubs only).
 PgPool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
@@ -159,6 +161,23 @@ def _int_id(value: int) -> bool:
 # --- groups and time series ---------------------------------------------------------------
 
 
+async def _levels(pool: PgPool, by: Sequence[str], filters: Filters) -> tuple[str, _Statement]:
+    """The window's rows of the report roll-ups, each level for the hours it holds."""
+    marks: dict[str, int] = dict(
+        await _fetch(
+            pool,
+            "SELECT name, day FROM daily_mark WHERE name IN ('report_day', 'report_hour')",
+            (),
+        )
+    )
+    first = filters.since // HOUR_MS if filters.since is not None else 0
+    last = (filters.until - 1) // HOUR_MS if filters.until is not None else (1 << 62)
+    read = levels(first, last, int(marks.get("report_day", 0)), int(marks.get("report_hour", 0)))
+    statement = _Statement()
+    equal = "".join(f"{name} = {statement.arg(value)} AND " for name, value in filters.equal)
+    return group_days.window_source(read, by, equal, statement.arg), statement
+
+
 async def groups(
     pool: PgPool, source: Source, by: Sequence[str], filters: Filters, limit: int
 ) -> GroupPage:
@@ -180,6 +199,10 @@ async def groups(
         statement = _rollup_filters(filters, hourly)
         select = "sum(count)::bigint AS n, min(first_seen), max(last_seen)"
         nulls_first = False
+        if table == "report_groups_hourly" and used <= set(group_days.KEYS):
+            # The finest table has about a row per report: the hours and days rolled up read
+            # from the coarse roll-ups instead, the rest (the last hour or so) from it.
+            table, statement = await _levels(pool, by, filters)
     if _unmatchable(statement.args):
         return GroupPage((), False)
     limit_arg = statement.arg(limit + 1)

@@ -51,6 +51,7 @@ from reporting_endpoint.storage.rows import check_rows
 from reporting_endpoint.storage.sqlite import alerts as alert_sql
 from reporting_endpoint.storage.sqlite import (
     crashes,
+    daily,
     deletion,
     issue_admin,
     issues,
@@ -222,6 +223,9 @@ class SQLiteStorage(SQLiteWriter):
 
     async def referenced_blobs(self) -> frozenset[str]:
         return await self.run_job(deletion.referenced)
+
+    async def roll_up_days(self, now_ms: int) -> int:
+        return await self.run_job(partial(daily.roll_up, now_ms=now_ms))
 
     async def set_issue_status(
         self, issue_id: int, change: StatusChange, now_ms: int

@@ -1,8 +1,9 @@
 """Reading issues from SQLite: the ranked issues page, one issue, and its events.
 
-Counts come from the counters kept at insert (``issue_hourly``, ``issue_breakdown``): a page
-costs a range of the hourly table for the window and the window before it, plus a few
-primary-key reads for the page's own issues, never a scan of the reports.
+Counts come from the counters kept at insert (``issue_hourly``, ``issue_breakdown``) and the
+daily roll-up of completed days (``issue_daily``): a page costs, per issue of the window, a
+range of days plus the hours of the partial days at the edges, for the window and the window
+before it, plus a few primary-key reads for the page's own issues, never a scan of the reports.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ from reporting_endpoint.storage.rows import (
     crash_row_to_dict,
     report_row_to_dict,
 )
+from reporting_endpoint.storage.spans import span
+from reporting_endpoint.storage.sqlite.daily import mark_day
 
 _ISSUE_SELECT = ", ".join(f"i.{name}" for name in ISSUE_COLUMNS)
+# What the ranking needs of an issue: its id and the columns a sort orders by.
+_RANKED = "i.id, i.first_seen, i.last_seen"
 # The value each sort orders by (descending, then id descending), as SQL over the query below.
 _SORT_VALUE: dict[str, str] = {
     "count": "wn",
@@ -99,11 +104,35 @@ async def _decorate(
     attach_decorations(items, series, breakdowns, top)
 
 
+def _count(first_hour: int, last_hour: int, mark: int) -> tuple[str, list[object]]:
+    """SQL for the events of issue ``i`` in the hours [first_hour, last_hour]: its whole
+    rolled-up days from ``issue_daily``, the other hours from ``issue_hourly``, each a
+    primary-key range (only the ranges the window has)."""
+    read = span(first_hour, last_hour, mark)
+    parts: list[str] = []
+    parameters: list[object] = []
+    for table, column, ranges in (
+        ("issue_hourly", "hour", read.hours), ("issue_daily", "day", read.days)
+    ):  # fmt: skip
+        for first, last in ranges:
+            parts.append(
+                f"(SELECT coalesce(sum(count), 0) FROM {table} h WHERE h.issue_id = i.id"
+                f" AND h.{column} >= ? AND h.{column} <= ?)"
+            )
+            parameters.extend([first, last])
+    return " + ".join(parts) or "0", parameters
+
+
 def _query(
-    filters: IssueFilters, sort: IssueSort, start: int, end: int
+    filters: IssueFilters,
+    sort: IssueSort,
+    start: int,
+    end: int,
+    mark: int,
+    columns: str = _ISSUE_SELECT,
 ) -> tuple[str, list[object]]:
     """The issues of the page's query with their window and previous counts (columns ``wn``
-    and ``pn``) and the sort value (``sv``) after the issue's columns.
+    and ``pn``) and the sort value (``sv``) after ``columns`` (by default all of them).
 
     Issues are few next to reports (a scan of them is cheap); the counts are primary-key
     ranges of ``issue_hourly``, read only for issues whose first and last seen overlap the
@@ -113,9 +142,11 @@ def _query(
     first_hour, last_hour = window_hours(start, end)
     length = last_hour - first_hour + 1
     previous_hour = first_hour - length
+    now_sql, now_parameters = _count(first_hour, last_hour, mark)
+    before_sql, before_parameters = _count(previous_hour, first_hour - 1, mark)
     parameters: list[object] = [
-        first_hour * HOUR_MS, (last_hour + 1) * HOUR_MS, first_hour, last_hour,
-        previous_hour * HOUR_MS, first_hour * HOUR_MS, previous_hour, first_hour - 1,
+        first_hour * HOUR_MS, (last_hour + 1) * HOUR_MS, *now_parameters,
+        previous_hour * HOUR_MS, first_hour * HOUR_MS, *before_parameters,
     ]  # fmt: skip
     clauses: list[str] = []
     for column, value in (
@@ -144,13 +175,9 @@ def _query(
             parameters.append(dimension)
             parameters.append(value)
     counted = (
-        f"SELECT {_ISSUE_SELECT},"
-        " CASE WHEN i.last_seen >= ? AND i.first_seen < ? THEN (SELECT coalesce(sum(count), 0)"
-        "  FROM issue_hourly h WHERE h.issue_id = i.id AND h.hour >= ? AND h.hour <= ?)"
-        "  ELSE 0 END AS wn,"
-        " CASE WHEN i.last_seen >= ? AND i.first_seen < ? THEN (SELECT coalesce(sum(count), 0)"
-        "  FROM issue_hourly h WHERE h.issue_id = i.id AND h.hour >= ? AND h.hour <= ?)"
-        "  ELSE 0 END AS pn"
+        f"SELECT {columns},"
+        f" CASE WHEN i.last_seen >= ? AND i.first_seen < ? THEN {now_sql} ELSE 0 END AS wn,"
+        f" CASE WHEN i.last_seen >= ? AND i.first_seen < ? THEN {before_sql} ELSE 0 END AS pn"
         " FROM issues i" + (" WHERE " + " AND ".join(clauses) if clauses else "")
     )
     sql = f"SELECT *, {_SORT_VALUE[sort]} AS sv FROM ({counted})" + (
@@ -167,7 +194,9 @@ async def issues_page(
     after: str | None,
 ) -> IssuePage:
     start, end = window(filters.since, filters.until)
-    sql, parameters = _query(filters, sort, start, end)
+    # Ranked on narrow rows (the sort of every issue of the window carries no titles), then
+    # the page's own issues read whole by id.
+    sql, parameters = _query(filters, sort, start, end, await mark_day(connection), _RANKED)
     if after is not None:
         value, issue_id = decode_cursor(after)
         sql = f"SELECT * FROM ({sql}) WHERE sv < ? OR (sv = ? AND id < ?)"
@@ -175,8 +204,17 @@ async def issues_page(
     rows = await _fetch(
         connection, f"{sql} ORDER BY sv DESC, id DESC LIMIT ?", (*parameters, limit + 1)
     )
-    width = len(ISSUE_COLUMNS)
-    items = [issue_json(row[:width], row[width], row[width + 1]) for row in rows[:limit]]
+    shown = rows[:limit]
+    found = {
+        row[0]: row
+        for row in await _fetch(
+            connection,
+            f"SELECT {_ISSUE_SELECT} FROM issues i WHERE i.id IN ({','.join('?' * len(shown))})",
+            [row[0] for row in shown],
+        )
+    }
+    # An issue gone between the two reads (deleted) is left out.
+    items = [issue_json(found[row[0]], row[3], row[4]) for row in shown if row[0] in found]
     await _decorate(connection, items, start, end, PAGE_TOP, ("browser", "os"))
     following = None
     if len(rows) > limit:
@@ -191,15 +229,13 @@ async def get_issue(
     start, end = window(since, until)
     first_hour, last_hour = window_hours(start, end)
     length = last_hour - first_hour + 1
+    mark = await mark_day(connection)
+    now_sql, now_parameters = _count(first_hour, last_hour, mark)
+    before_sql, before_parameters = _count(first_hour - length, first_hour - 1, mark)
     rows = await _fetch(
         connection,
-        f"SELECT {_ISSUE_SELECT},"
-        " (SELECT coalesce(sum(count), 0) FROM issue_hourly WHERE issue_id = i.id"
-        "  AND hour >= ? AND hour <= ?),"
-        " (SELECT coalesce(sum(count), 0) FROM issue_hourly WHERE issue_id = i.id"
-        "  AND hour >= ? AND hour <= ?)"
-        " FROM issues i WHERE i.id = ?",
-        (first_hour, last_hour, first_hour - length, first_hour - 1, issue_id),
+        f"SELECT {_ISSUE_SELECT}, {now_sql}, {before_sql} FROM issues i WHERE i.id = ?",
+        (*now_parameters, *before_parameters, issue_id),
     )
     if not rows:
         return None

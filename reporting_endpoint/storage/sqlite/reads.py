@@ -36,6 +36,8 @@ from reporting_endpoint.storage.rows import (
     quarantine_row_to_dict,
     report_row_to_dict,
 )
+from reporting_endpoint.storage.spans import levels
+from reporting_endpoint.storage.sqlite import group_days
 from reporting_endpoint.storage.sqlite.rollups import hourly_table_for, table_for
 
 _REPORTS = ", ".join(REPORT_COLUMNS)
@@ -101,6 +103,22 @@ def _page(rows: Rows, limit: int, to_dict: Callable[[tuple[Any, ...]], dict[str,
 # --- groups and time series ---------------------------------------------------------------
 
 
+async def _levels(
+    connection: aiosqlite.Connection, by: Sequence[str], filters: Filters
+) -> tuple[str, list[object]]:
+    """The window's rows of the report roll-ups, each level for the hours it holds."""
+    rows = await connection.execute_fetchall(
+        "SELECT name, day FROM daily_mark WHERE name IN ('report_day', 'report_hour')"
+    )
+    marks: dict[str, int] = {str(row[0]): int(row[1]) for row in rows}
+    first = filters.since // HOUR_MS if filters.since is not None else 0
+    last = (filters.until - 1) // HOUR_MS if filters.until is not None else (1 << 62)
+    read = levels(first, last, int(marks.get("report_day", 0)), int(marks.get("report_hour", 0)))
+    clauses = "".join(f"{name} = ? AND " for name, _ in filters.equal)
+    values = [value for _, value in filters.equal]
+    return group_days.window_source(read, by, clauses, values)
+
+
 async def groups(
     connection: aiosqlite.Connection,
     source: Source,
@@ -124,6 +142,11 @@ async def groups(
         used = set(by) | filters.names()
         table = hourly_table_for(used) if hourly else table_for(used)
         where, parameters = _group_where(filters, hourly)
+        if table == "report_groups_hourly" and used <= set(group_days.KEYS):
+            # The finest table has about a row per report: the hours and days rolled up read
+            # from the coarse roll-ups instead, the rest (the last hour or so) from it.
+            table, parameters = await _levels(connection, by, filters)
+            where = ""
         sql = (
             f"SELECT {columns}, sum(count) AS n, min(first_seen), max(last_seen)"
             f" FROM {table}{where} GROUP BY {columns} ORDER BY n DESC, {columns} LIMIT ?"
