@@ -88,7 +88,8 @@ def levels(first_hour: int, last_hour: int, mark_day: int, mark_hour: int) -> Le
 
 # Hours (and days) a roll-up job moves a mark at most: the first roll-up of a large store (at
 # the upgrade) is many short jobs, with the ingest's commits between them, not one long one.
-MOST_HOURS, MOST_DAYS = 7 * DAY_HOURS, 7
+# A day each: a job sums one day of the hourly tables, with the ingest's writes waiting.
+MOST_HOURS, MOST_DAYS = DAY_HOURS, 1
 
 
 def next_mark(mark: int, target: int, first: int | None, most: int) -> int:

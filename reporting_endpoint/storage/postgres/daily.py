@@ -10,6 +10,8 @@ from reporting_endpoint.storage.postgres import group_days
 from reporting_endpoint.storage.postgres.reads import PgPool
 from reporting_endpoint.storage.spans import DAY_HOURS, MOST_DAYS, completed_hour, next_mark
 
+# How long the roll-up job waits for a lock on an hourly table before it backs off.
+LOCK_TIMEOUT_MS = 1000
 _MARK = "SELECT day FROM daily_mark WHERE name = 'issue'"
 _OPERATIONS = {"insert": "INSERT", "update": "UPDATE", "delete": "DELETE"}
 
@@ -21,19 +23,24 @@ async def _make_triggers(connection: asyncpg.Connection, mark_day: int) -> None:
     old = f"(OLD.hour >= 0 AND OLD.hour < {mark})"
     new = f"(NEW.hour >= 0 AND NEW.hour < {mark})"
     when = {"insert": new, "update": f"{old} OR {new}", "delete": old}
+    # Replaced in place (PostgreSQL 14+): SHARE ROW EXCLUSIVE, as the job holds already; a
+    # DROP TRIGGER would take ACCESS EXCLUSIVE, waiting for every reader with ingest behind it.
     for name, operation in _OPERATIONS.items():
-        await connection.execute(f"DROP TRIGGER IF EXISTS issue_daily_{name} ON issue_hourly")
         await connection.execute(
-            f"CREATE TRIGGER issue_daily_{name} AFTER {operation} ON issue_hourly FOR EACH ROW"
-            f" WHEN ({when[name]}) EXECUTE FUNCTION issue_daily_follow('{mark}')"
+            f"CREATE OR REPLACE TRIGGER issue_daily_{name} AFTER {operation} ON issue_hourly"
+            f" FOR EACH ROW WHEN ({when[name]}) EXECUTE FUNCTION issue_daily_follow('{mark}')"
         )
 
 
 async def roll_up(connection: asyncpg.Connection, now_ms: int) -> int:
     """One step of the roll-up: the report counters' completed hours and days, then the
-    issue counters' completed days, each mark moved at most a week; how far the marks moved
+    issue counters' completed days, each mark moved at most a day; how far the marks moved
     (0: caught up). A writer job in a transaction of its own: the rows, the marks and the
     triggers change together; run again once caught up (by any worker), nothing."""
+    # The job's locks stop the ingest's writes to the hourly tables: it waits for them a
+    # moment at most, then gives up (StorageBusy, rolled back) and runs again later, so a
+    # long transaction elsewhere never stalls the ingest queued behind the job.
+    await connection.execute(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_MS)}ms'")
     # The report roll-ups first: the hourly report table comes before the issue tables in
     # every writer's lock order.
     moved = await group_days.roll_up(connection, completed_hour(now_ms))

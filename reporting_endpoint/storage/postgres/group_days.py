@@ -96,7 +96,9 @@ $$"""
 
     async def make_triggers(self, connection: asyncpg.Connection, mark_hour: int) -> None:
         """Triggers on the source for its hours before ``mark_hour``, a literal in their WHEN:
-        a row of a later hour costs one comparison in the executor, no call."""
+        a row of a later hour costs one comparison in the executor, no call. Replaced in
+        place (PostgreSQL 14+): SHARE ROW EXCLUSIVE, as the job holds already; a DROP
+        TRIGGER would take ACCESS EXCLUSIVE, waiting for every reader with ingest behind it."""
         mark = int(mark_hour)  # an int: it becomes part of the statement
         old = f"(OLD.hour >= 0 AND OLD.hour < {mark})"
         new = f"(NEW.hour >= 0 AND NEW.hour < {mark})"
@@ -104,10 +106,9 @@ $$"""
         await connection.execute(self.function())
         for name, operation in _OPERATIONS.items():
             trigger = f"{self.table}_{name}"
-            await connection.execute(f"DROP TRIGGER IF EXISTS {trigger} ON {self.source}")
             await connection.execute(
-                f"CREATE TRIGGER {trigger} AFTER {operation} ON {self.source} FOR EACH ROW"
-                f" WHEN ({when[name]}) EXECUTE FUNCTION {self.table}_follow('{mark}')"
+                f"CREATE OR REPLACE TRIGGER {trigger} AFTER {operation} ON {self.source}"
+                f" FOR EACH ROW WHEN ({when[name]}) EXECUTE FUNCTION {self.table}_follow('{mark}')"
             )
 
 
@@ -127,7 +128,7 @@ async def _first(connection: asyncpg.Connection, table: str, hour: int) -> int |
 
 async def roll_up(connection: asyncpg.Connection, mark_hour: int) -> int:
     """Roll hours before ``mark_hour`` into the coarse table and whole days into the daily one
-    (each mark moved at most a week), move the marks, remake the triggers; how far the marks
+    (each mark moved at most a day), move the marks, remake the triggers; how far the marks
     moved (0: caught up). Writer job; idempotent."""
     if mark_hour <= await _mark(connection, "report_hour"):
         return 0

@@ -60,7 +60,7 @@ def _make_triggers(connection: sqlite3.Connection, mark_day: int) -> None:
 
 def roll_up(connection: sqlite3.Connection, now_ms: int) -> int:
     """One step of the roll-up: the report counters' completed hours and days, then the
-    issue counters' completed days, each mark moved at most a week; how far the marks moved
+    issue counters' completed days, each mark moved at most a day; how far the marks moved
     (0: caught up). A writer job: the caller owns the transaction, so the rows, the marks
     and the triggers change together; run again once caught up, it changes nothing."""
     moved = group_days.roll_up(connection, completed_hour(now_ms))

@@ -115,7 +115,7 @@ def _first(connection: sqlite3.Connection, table: str, hour: int) -> int | None:
 
 def roll_up(connection: sqlite3.Connection, mark_hour: int) -> int:
     """Roll hours before ``mark_hour`` into the coarse table and whole days into the daily one
-    (each mark moved at most a week), move the marks, remake the triggers; how far the marks
+    (each mark moved at most a day), move the marks, remake the triggers; how far the marks
     moved (0: caught up). Writer job; idempotent."""
     hour = _mark(connection, "report_hour")
     end = next_mark(hour, mark_hour, _first(connection, COARSE.source, hour), MOST_HOURS)
