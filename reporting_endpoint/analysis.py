@@ -106,7 +106,11 @@ class DumpAnalyzer:
             if self._claimed:
                 # Best effort: if the database is gone too, the leases run out instead.
                 with contextlib.suppress(StorageError):
-                    await self.storage.release_crashes(self.owner, sorted(self._claimed))
+                    # Stopping is not the crashes' fault (most never reached a processor): their
+                    # claim's attempt is given back.
+                    await self.storage.release_crashes(
+                        self.owner, sorted(self._claimed), refund=True
+                    )
                 self._claimed.clear()
         await self.pool.close()
 
@@ -170,7 +174,7 @@ class DumpAnalyzer:
                     parsed = await self.parse(pending.dump_path)
                 except ProcessorDied:
                     return pending.id
-            await self.record(pending.id, parsed)
+            await self.record(pending.id, parsed, owner=self.owner)
             return None
 
         # Cancelled (stop) in the middle, the ids stay in _claimed: stop() releases them.
@@ -186,7 +190,9 @@ class DumpAnalyzer:
             # that only the one that does it again uses up its attempts.
             log.warning("a processor died under %d crash(es); retrying them one by one", len(died))
             self._isolate = max(self._isolate, len(died))
-            await self.storage.release_crashes(self.owner, died)
+            # In a batch of several, each gets back the attempt this claim counted: it may not
+            # be the one at fault; alone, the attempt counts.
+            await self.storage.release_crashes(self.owner, died, refund=len(claim.crashes) > 1)
         return True
 
     async def analyse(self, crash_id: str, dump_path: str, crash: NewCrash | None = None) -> None:
@@ -206,11 +212,20 @@ class DumpAnalyzer:
             return exc
 
     async def record(
-        self, crash_id: str, parsed: dict[str, Any] | Exception, crash: NewCrash | None = None
+        self,
+        crash_id: str,
+        parsed: dict[str, Any] | Exception,
+        crash: NewCrash | None = None,
+        *,
+        owner: str | None = None,
     ) -> None:
+        """Record the result; with ``owner`` (a claim's), only if the crash is still pending
+        and leased to it (a lease that ran out may have let another processor record it)."""
         if isinstance(parsed, Exception):
             log.info("crash %s: dump not parsed: %s", crash_id, parsed)
-            await self.storage.record_crash_failure(crash_id, f"{type(parsed).__name__}: {parsed}")
+            await self.storage.record_crash_failure(
+                crash_id, f"{type(parsed).__name__}: {parsed}", owner=owner
+            )
             self.processed += 1
             self._outcome("failed")
             return
@@ -221,7 +236,9 @@ class DumpAnalyzer:
             if row is None:
                 return  # deleted meanwhile
             crash = stored_crash(row)
-        await self.storage.record_crash_facts(crash_id, parsed, issue=self._issue(crash, parsed))
+        await self.storage.record_crash_facts(
+            crash_id, parsed, issue=self._issue(crash, parsed), owner=owner
+        )
         self.processed += 1
         self._outcome("parsed")
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from reporting_endpoint.issues.triage import StatusChange
+from reporting_endpoint.records import IssueKey
 from reporting_endpoint.settings import Settings
 from reporting_endpoint.storage import Storage, open_storage
-from reporting_endpoint.storage.base import Backlog
+from reporting_endpoint.storage.base import Backlog, IssueFilters
 from tests.test_storage_parity import BASE, crash, run
 
 LEASE = 60_000
@@ -161,5 +163,69 @@ def test_crash_rows_queued_together_commit_together_and_a_bad_one_fails_alone(
         assert [r for r in results[:-1] if r is not None] == []
         assert isinstance(results[-1], Exception)
         assert (await storage.processing_backlog()).pending == 30
+
+    run(database_url, scenario)
+
+
+def test_a_claimer_whose_lease_ran_out_does_not_record_the_crash_again(
+    database_url: str,
+) -> None:
+    """A's lease on a crash runs out (its batch waited behind the others), B claims and
+    records it, the issue is resolved; A's late result then changes nothing: neither the
+    crash nor its issue (status, history, count), and no alert event is added."""
+
+    async def scenario(storage: Storage) -> None:
+        now = time.time_ns() // 1_000_000
+        key = IssueKey("native-1", "native", "EXCEPTION_ACCESS_VIOLATION | app.exe", None)
+        crash_id = ids(1)[0]
+        await storage.insert_crash(crash(1, now))
+        late = await storage.claim_crashes("a", 5, lease_ms=0, max_attempts=3)
+        assert [c.id for c in late.crashes] == [crash_id]
+        taken = await storage.claim_crashes("b", 5, lease_ms=LEASE, max_attempts=3)
+        assert [c.id for c in taken.crashes] == [crash_id]  # A's lease ran out
+        await storage.record_crash_facts(crash_id, {"signature": "s"}, key, owner="b")
+        issue = (await storage.issues_page(IssueFilters(), "count", 10)).items[0]
+        resolved = await storage.set_issue_status(
+            issue["id"], StatusChange("resolved", "ann"), now + 1
+        )
+        assert resolved is not None and resolved["status"] == "resolved"
+        before = (
+            await storage.get_issue(issue["id"]),
+            await storage.get_crash(crash_id),
+            await storage.alert_events(100),
+        )
+
+        await storage.record_crash_facts(crash_id, {"signature": "other"}, key, owner="a")
+        await storage.record_crash_failure(crash_id, "not a dump", owner="a")
+
+        after = (
+            await storage.get_issue(issue["id"]),
+            await storage.get_crash(crash_id),
+            await storage.alert_events(100),
+        )
+        assert after == before
+        assert after[0] is not None and (after[0]["status"], after[0]["count"]) == ("resolved", 1)
+        assert after[1] is not None and after[1]["signature"] == "s"
+
+    run(database_url, scenario)
+
+
+def test_a_released_crash_gets_its_attempt_back_when_asked(database_url: str) -> None:
+    """A graceful stop releases its claimed crashes (most never reached a processor) with
+    the claim's attempt refunded: their attempts are as before the claim."""
+
+    async def scenario(storage: Storage) -> None:
+        for n in range(3):
+            await storage.insert_crash(crash(n, BASE + n))
+        for _ in range(3):  # without the refund the second claim would give up on them
+            claim = await storage.claim_crashes("p", 5, lease_ms=LEASE, max_attempts=1)
+            assert (claim.failed, [c.id for c in claim.crashes]) == (0, ids(0, 1, 2))
+            await storage.release_crashes("p", ids(0, 1, 2), refund=True)
+        await storage.release_crashes("p", ids(0), refund=True)  # not claimed: no change
+        claim = await storage.claim_crashes("p", 5, lease_ms=LEASE, max_attempts=1)
+        assert [c.id for c in claim.crashes] == ids(0, 1, 2)
+        await storage.release_crashes("p", ids(0, 1, 2))  # no refund: the attempt counts
+        out = await storage.claim_crashes("p", 5, lease_ms=LEASE, max_attempts=1)
+        assert (out.failed, out.crashes) == (3, ())
 
     run(database_url, scenario)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import pytest
 
 from reporting_endpoint.health import BACKLOG_TTL
 from reporting_endpoint.processing import DELAY_VARIABLE, FAULT_VARIABLE
@@ -92,12 +93,15 @@ def wait_drained(server: RunningServer, timeout: float = WAIT) -> float:
     raise AssertionError(f"backlog not drained after {timeout}s: {health(server)}")
 
 
+@pytest.mark.parametrize("attempts", [3, 1])
 def test_a_dump_that_kills_its_processor_is_retried_then_marked_failed(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, attempts: int
 ) -> None:
     """The processor dies (SIGKILL) mid-dump every time it reads that dump: the crash is
     retried alone and marked failed after its attempts; the crashes beside it are parsed and
-    counted once each."""
+    counted once each. The claim of the batch it killed counts no attempt (the batch-mates
+    were not at fault): with a single attempt allowed, those that died with it are still
+    parsed, and the deadly one is given up after its one attempt alone."""
     # Stored first, so the first claim takes the deadly dump together with the others.
     server = service(database_url, tmp_path, "--processors", "0")
     try:
@@ -108,7 +112,7 @@ def test_a_dump_that_kills_its_processor_is_retried_then_marked_failed(
     server = service(
         database_url,
         tmp_path,
-        "--processors", "2", "--process-max-attempts", "3",
+        "--processors", "2", "--process-max-attempts", str(attempts),
         # Slow parses: the crash beside the deadly one is still in its processor when the
         # pool breaks, and is one of those tried again.
         env={FAULT_VARIABLE: MARKER.hex(), DELAY_VARIABLE: "0.3"},
@@ -117,7 +121,7 @@ def test_a_dump_that_kills_its_processor_is_retried_then_marked_failed(
         wait_drained(server)
         stored = crashes(server)
         assert stored[deadly]["parse_status"] == "failed"
-        assert "gave up after 3 attempts" in stored[deadly]["parse_error"]
+        assert f"gave up after {attempts} attempts" in stored[deadly]["parse_error"]
         assert [stored[c]["parse_status"] for c in fine] == ["parsed"] * 4
         assert native_issue_counts(server) == 4
         assert health(server)["status"] == "ok"  # the service kept serving throughout
@@ -330,16 +334,18 @@ def test_a_graceful_stop_hands_claimed_crashes_back_at_once(
 ) -> None:
     """Stopped (SIGINT) while its processor is inside a dump: the crashes it had claimed are
     pending again at once, so the next start parses them without waiting for the lease
-    (300 s by default)."""
+    (300 s by default); and with the attempt of that claim given back (a stop is not the
+    crashes' fault), so even with a single attempt allowed they are parsed, not given up."""
     server = service(database_url, tmp_path, "--processors", "0")
     try:
         ids = [upload(server, DUMP) for _ in range(3)]
     finally:
         stop(server)
-    server = service(database_url, tmp_path, "--processors", "1", env={DELAY_VARIABLE: "2"})
+    one = ("--processors", "1", "--process-max-attempts", "1")
+    server = service(database_url, tmp_path, *one, env={DELAY_VARIABLE: "2"})
     time.sleep(2.5)  # claimed all three, inside the first dump
     assert stop(server) == 0
-    server = service(database_url, tmp_path, "--processors", "1")
+    server = service(database_url, tmp_path, *one)
     try:
         wait_drained(server, timeout=30)
         stored = crashes(server)

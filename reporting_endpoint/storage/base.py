@@ -240,14 +240,25 @@ class Storage(AlertStore, Protocol):
         ...
 
     async def record_crash_facts(
-        self, crash_id: str, facts: Mapping[str, Any], issue: IssueKey | None = None
+        self,
+        crash_id: str,
+        facts: Mapping[str, Any],
+        issue: IssueKey | None = None,
+        *,
+        owner: str | None = None,
     ) -> None:
         """Mark the crash parsed with its facts (a fact that cannot be stored marks it failed:
         either way it leaves ``pending``) and, with ``issue``, count it in that issue in the
-        same transaction (None: the crash belongs to no issue)."""
+        same transaction (None: the crash belongs to no issue). With ``owner`` (the claimer)
+        nothing is written unless the crash is still pending and leased to ``owner``: a lease
+        that ran out may have let another processor record it already."""
         ...
 
-    async def record_crash_failure(self, crash_id: str, error: str) -> None: ...
+    async def record_crash_failure(
+        self, crash_id: str, error: str, *, owner: str | None = None
+    ) -> None:
+        """Mark the crash failed (with ``owner``: only if still pending and leased to it)."""
+        ...
 
     async def claim_crashes(
         self, owner: str, limit: int, *, lease_ms: int, max_attempts: int
@@ -257,8 +268,11 @@ class Storage(AlertStore, Protocol):
         lasts. Crashes already tried ``max_attempts`` times are marked failed instead."""
         ...
 
-    async def release_crashes(self, owner: str, crash_ids: Sequence[str]) -> None:
-        """End ``owner``'s leases on these still pending crashes now (attempts stay counted)."""
+    async def release_crashes(
+        self, owner: str, crash_ids: Sequence[str], *, refund: bool = False
+    ) -> None:
+        """End ``owner``'s leases on these still pending crashes now; attempts stay counted,
+        unless ``refund`` gives back the one their claim counted (not below 0)."""
         ...
 
     async def prune(self, older_than_ms: int, *, crashes: bool = True) -> Deletion:
@@ -287,7 +301,7 @@ class Storage(AlertStore, Protocol):
     async def roll_up_days(self, now_ms: int) -> int:
         """One step of rolling the hours and UTC days completed by ``now_ms`` into the coarse
         and daily counters (off the ingest path; idempotent); how far it got, 0 once caught
-        up (a step covers a week at most: call again until 0)."""
+        up (a step covers a day at most: call again until 0)."""
         ...
 
     # --- reads -------------------------------------------------------------------------

@@ -269,7 +269,12 @@ class PostgresStorage(PostgresWriter):
         await self.run_job(partial(crashes.insert_crash, crash=crash), groupable=True)
 
     async def record_crash_facts(
-        self, crash_id: str, facts: Mapping[str, Any], issue: IssueKey | None = None
+        self,
+        crash_id: str,
+        facts: Mapping[str, Any],
+        issue: IssueKey | None = None,
+        *,
+        owner: str | None = None,
     ) -> None:
         await self.run_job(
             partial(
@@ -278,13 +283,22 @@ class PostgresStorage(PostgresWriter):
                 facts=facts,
                 issue=issue,
                 now_ms=_now_ms(),
+                owner=owner,
             ),
             groupable=True,
         )
 
-    async def record_crash_failure(self, crash_id: str, error: str) -> None:
+    async def record_crash_failure(
+        self, crash_id: str, error: str, *, owner: str | None = None
+    ) -> None:
         await self.run_job(
-            partial(crashes.record_failure, crash_id=crash_id, error=error, now_ms=_now_ms()),
+            partial(
+                crashes.record_failure,
+                crash_id=crash_id,
+                error=error,
+                now_ms=_now_ms(),
+                owner=owner,
+            ),
             groupable=True,
         )
 
@@ -304,9 +318,13 @@ class PostgresStorage(PostgresWriter):
             groupable=True,
         )
 
-    async def release_crashes(self, owner: str, crash_ids: Sequence[str]) -> None:
+    async def release_crashes(
+        self, owner: str, crash_ids: Sequence[str], *, refund: bool = False
+    ) -> None:
         if crash_ids:
-            await self.run_job(partial(processing.release, owner=owner, crash_ids=list(crash_ids)))
+            await self.run_job(
+                partial(processing.release, owner=owner, crash_ids=list(crash_ids), refund=refund)
+            )
 
     async def prune(self, older_than_ms: int, *, crashes: bool = True) -> Deletion:
         if crashes:

@@ -76,6 +76,7 @@ async def record_facts(
     facts: Mapping[str, Any],
     issue: IssueKey | None = None,
     now_ms: int = 0,
+    owner: str | None = None,
 ) -> None:
     """Mark the crash parsed with its facts; if they still cannot be written, mark it failed.
 
@@ -87,11 +88,26 @@ async def record_facts(
 
     The crash row is locked first, then the issues: the order every transaction takes
     (``issue_writes``), so a parse never deadlocks with a prune or another host's parse.
+
+    With ``owner`` (a processor's claim), nothing at all is written unless the crash is still
+    pending and leased to ``owner`` (checked on the locked row: ``FOR UPDATE`` re-reads a row
+    another transaction changed before returning it): a claimer whose lease ran out, and whose
+    crash another processor took and recorded, must not record it a second time.
     """
-    event = await connection.fetchrow(
-        "SELECT issue_id, received_at, os, release FROM crashes WHERE id = $1 FOR UPDATE",
-        crash_id,
-    )
+    if owner is None:
+        event = await connection.fetchrow(
+            "SELECT issue_id, received_at, os, release FROM crashes WHERE id = $1 FOR UPDATE",
+            crash_id,
+        )
+    else:
+        event = await connection.fetchrow(
+            "SELECT issue_id, received_at, os, release FROM crashes WHERE id = $1"
+            " AND claimed_by = $2 AND parse_status = 'pending' FOR UPDATE",
+            crash_id,
+            owner,
+        )
+        if event is None:
+            return
     if event is not None and event[0] is not None:
         await connection.execute(
             "UPDATE crashes SET issue_id = NULL, fingerprint = NULL WHERE id = $1", crash_id
@@ -149,13 +165,20 @@ async def _assign_issue(
 
 
 async def record_failure(
-    connection: asyncpg.Connection, crash_id: str, error: str, now_ms: int = 0
+    connection: asyncpg.Connection,
+    crash_id: str,
+    error: str,
+    now_ms: int = 0,
+    owner: str | None = None,
 ) -> None:
+    """Mark the crash failed; with ``owner``, only while it is pending and leased to it."""
+    mine = "" if owner is None else " AND claimed_by = $5 AND parse_status = 'pending'"
     await connection.execute(
         "UPDATE crashes SET parse_status = 'failed', parse_error = $1, signature = $2,"
-        f" {_done(3)} WHERE id = $4",
+        f" {_done(3)} WHERE id = $4{mine}",
         clean_text(error[:500]),
         "unparseable dump",
         now_ms,
         crash_id,
+        *(() if owner is None else (owner,)),
     )

@@ -55,10 +55,13 @@ async def claim(
     )
 
 
-async def release(connection: asyncpg.Connection, owner: str, crash_ids: list[str]) -> None:
+async def release(
+    connection: asyncpg.Connection, owner: str, crash_ids: list[str], refund: bool = False
+) -> None:
     """As the SQLite backend's ``release``."""
+    attempts = ", attempts = greatest(attempts - 1, 0)" if refund else ""
     await connection.execute(
-        "UPDATE crashes SET claimed_by = NULL, lease_until = NULL"
+        f"UPDATE crashes SET claimed_by = NULL, lease_until = NULL{attempts}"
         " WHERE id = ANY($1::text[]) AND claimed_by = $2 AND parse_status = 'pending'",
         crash_ids,
         owner,

@@ -71,6 +71,7 @@ def record_facts(
     facts: Mapping[str, Any],
     issue: IssueKey | None = None,
     now_ms: int = 0,
+    owner: str | None = None,
 ) -> None:
     """Mark the crash parsed with its facts; if they still cannot be written, mark it failed.
 
@@ -78,7 +79,13 @@ def record_facts(
     crash to be parsed again, and fail again, at every start. With ``issue``, the crash is
     counted in that issue in the same transaction (a crash parsed again leaves its old issue
     first, so it is never counted twice).
+
+    With ``owner`` (a processor's claim), nothing at all is written unless the crash is still
+    pending and leased to ``owner``: a claimer whose lease ran out, and whose crash another
+    processor took and recorded, must not record it a second time (and touch its issue).
     """
+    if owner is not None and not _still_ours(connection, crash_id, owner):
+        return
     forget_issue(connection, crash_id)
     assignments = ", ".join(f"{name} = ?" for name in FACT_COLUMNS)
     values = [_fact_value(name, facts.get(name)) for name in FACT_COLUMNS]
@@ -132,11 +139,27 @@ def assign_issue(
     )
 
 
+def _still_ours(connection: sqlite3.Connection, crash_id: str, owner: str) -> bool:
+    """The crash is pending and leased to ``owner`` (in the writer's transaction: no other
+    write comes between this and the caller's)."""
+    row = connection.execute(
+        "SELECT 1 FROM crashes WHERE id = ? AND claimed_by = ? AND parse_status = 'pending'",
+        (crash_id, owner),
+    ).fetchone()
+    return row is not None
+
+
 def record_failure(
-    connection: sqlite3.Connection, crash_id: str, error: str, now_ms: int = 0
+    connection: sqlite3.Connection,
+    crash_id: str,
+    error: str,
+    now_ms: int = 0,
+    owner: str | None = None,
 ) -> None:
+    """Mark the crash failed; with ``owner``, only while it is pending and leased to it."""
+    mine = "" if owner is None else " AND claimed_by = ? AND parse_status = 'pending'"
     connection.execute(
         f"UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ?, {_DONE}"
-        " WHERE id = ?",
-        (error[:500], "unparseable dump", now_ms, crash_id),
+        f" WHERE id = ?{mine}",
+        (error[:500], "unparseable dump", now_ms, crash_id, *(() if owner is None else (owner,))),
     )

@@ -49,12 +49,16 @@ def claim(
     )
 
 
-def release(connection: sqlite3.Connection, owner: str, crash_ids: list[str]) -> None:
-    """End ``owner``'s leases on these crashes (still pending) early, attempts kept: its
-    processor died under them, and they are tried again at once rather than when the lease
-    runs out."""
+def release(
+    connection: sqlite3.Connection, owner: str, crash_ids: list[str], refund: bool = False
+) -> None:
+    """End ``owner``'s leases on these crashes (still pending) early: its processor died
+    under them, or it stops, and they are tried again at once rather than when the lease runs
+    out. With ``refund`` the attempt their claim counted is given back (not below 0): they
+    never ran, or were not the ones at fault."""
+    attempts = ", attempts = max(attempts - 1, 0)" if refund else ""
     connection.executemany(
-        "UPDATE crashes SET claimed_by = NULL, lease_until = NULL"
+        f"UPDATE crashes SET claimed_by = NULL, lease_until = NULL{attempts}"
         " WHERE id = ? AND claimed_by = ? AND parse_status = 'pending'",
         [(crash_id, owner) for crash_id in crash_ids],
     )
