@@ -324,3 +324,64 @@ def test_one_round_queues_one_alert_per_rule_and_scope(database_url: str) -> Non
         assert await storage.queue_alerts([again], (), now + 1) == 0
 
     run(database_url, scenario)
+
+
+def test_an_attempt_is_bounded_as_a_whole_not_per_read(database_url: str) -> None:
+    """A receiver that answers a byte at a time never trips a per-read timeout; the attempt
+    as a whole still ends (at twice the timeout), failed, well inside the row's lease."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def drip() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                    if stop.is_set():
+                        break
+                    time.sleep(0.1)  # under the 300 ms per-read timeout, every time
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    hook = WebhookChannel("hook", f"http://127.0.0.1:{port}/hook", "s3cret")
+    settings = AlertConfig(
+        rules=(rule("new", "new_issue", throttle_ms=0),),
+        channels=(hook,),
+        delivery=Delivery(retry_initial_ms=60_000, retry_max_ms=60_000, timeout_ms=300),
+    )
+
+    async def scenario(storage: Storage) -> None:
+        now = now_ms()
+        await storage.submit_reports([rep(now, "slow")])
+        assert await Evaluator(storage, settings, None).events(now) == 1
+        sender = Sender(storage, settings, "sender-1")
+        started = time.monotonic()
+        try:
+            assert await sender.run_once() == 1
+        finally:
+            await sender.close()
+        took = time.monotonic() - started
+        assert took < 1.5, took  # 39 bytes at 0.1 s would take 3.9 s
+        [attempt] = (await storage.alert_deliveries_page(10)).items
+        assert attempt["outcome"] != "delivered"
+        assert "twice the timeout" in (attempt["error"] or "")
+
+    try:
+        run(database_url, scenario)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()

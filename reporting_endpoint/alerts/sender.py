@@ -126,7 +126,16 @@ class Sender:
         if channel is None:
             result = Result(False, None, f"no channel named {alert.channel!r} in the rules")
         else:
-            result = await self.channels.send(channel, orjson.loads(alert.payload), alert.key)
+            try:
+                # One bound for the whole attempt: the clients' timeouts are per phase (an
+                # SMTP exchange has several), and an attempt that outlived its lease would
+                # be claimed and sent again by another sender.
+                async with asyncio.timeout(2 * self.config.delivery.timeout_ms / 1000):
+                    result = await self.channels.send(
+                        channel, orjson.loads(alert.payload), alert.key
+                    )
+            except TimeoutError:
+                result = Result(False, None, "the attempt took longer than twice the timeout")
         now = _now_ms()
         outcome, due = next_step(self.config.delivery, alert, result, now)
         if channel is None:
