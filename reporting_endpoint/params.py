@@ -57,6 +57,12 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def is_crash_id(value: str) -> bool:
+    """A crash id as the service makes them: 32 lowercase hex digits (checked before any
+    lookup, so an odd path segment is a 400, never a query)."""
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
 def parse_int(value: str, minimum: int = INT64_MIN, maximum: int = INT64_MAX) -> int | None:
     """A whole number in ASCII digits within [minimum, maximum], or None."""
     if not _INTEGER.fullmatch(value):

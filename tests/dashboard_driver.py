@@ -14,10 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import pytest
 from websockets.sync.client import ClientConnection
 
-from tests.browser import Chromium
+from tests.browser import Chromium, find_chromium
 from tests.servers import RunningServer, TlsCertificate
+
+CHROMIUM = find_chromium()
+# Both dashboard browser modules: skipped, saying why, where Debian's chromium is missing.
+CHROMIUM_MARKS = [
+    pytest.mark.chromium,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="Debian's chromium is not installed "
+        "(the README's test command installs it when run as root)",
+    ),
+]
 
 READ_TOKEN = "dashboard-read-token"
 WRITE_TOKEN = "dashboard-write-token"

@@ -11,10 +11,12 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.browser import Chromium, find_chromium
+from tests.browser import Chromium
 from tests.crashpad_client import MINIDUMPS, multipart
 from tests.dashboard_driver import (
     ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_MARKS,
     DESKTOP,
     PHONE,
     READ_TOKEN,
@@ -28,16 +30,7 @@ from tests.dashboard_driver import (
 from tests.servers import RunningServer, TlsCertificate, make_certificate, running_service
 from tests.xss_corpus import post_crash, post_reports
 
-CHROMIUM = find_chromium()
-pytestmark = [
-    pytest.mark.chromium,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        CHROMIUM is None,
-        reason="Debian's chromium is not installed "
-        "(the README's test command installs it when run as root)",
-    ),
-]
+pytestmark = CHROMIUM_MARKS
 
 CHROME = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.browser import Chromium, find_chromium
+from tests.browser import Chromium
 from tests.dashboard_driver import (
     ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_MARKS,
     DESKTOP,
     FIND_ACTIVE_MARKUP,
     READ_TOKEN,
@@ -26,16 +28,7 @@ from tests.dashboard_driver import (
 from tests.servers import RunningServer, TlsCertificate, make_certificate, running_service
 from tests.xss_corpus import FLAG, PAYLOADS, Stored, store_corpus
 
-CHROMIUM = find_chromium()
-pytestmark = [
-    pytest.mark.chromium,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        CHROMIUM is None,
-        reason="Debian's chromium is not installed "
-        "(the README's test command installs it when run as root)",
-    ),
-]
+pytestmark = CHROMIUM_MARKS
 
 SCRIPT = PAYLOADS[0]
 SVG = '"><svg onload=window.__xss=3>'

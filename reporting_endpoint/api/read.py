@@ -24,6 +24,7 @@ from reporting_endpoint.params import (
     decode_crash_cursor,
     decode_row_cursor,
     encode_cursor,
+    is_crash_id,
     parse_bucket,
     parse_by,
     parse_filters,
@@ -155,7 +156,7 @@ def _row_id(request: Request, name: str, what: str) -> int:
 
 def _crash_id(request: Request) -> str:
     crash_id: str = request.path_params["crash_id"]
-    if not (len(crash_id) == 32 and all(c in "0123456789abcdef" for c in crash_id)):
+    if not is_crash_id(crash_id):
         raise RequestRejected(400, "invalid_id", "a crash id is 32 hex digits")
     return crash_id
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from reporting_endpoint.dashboard.auth import Session, session_of
-from reporting_endpoint.params import QueryError, parse_int
+from reporting_endpoint.params import QueryError, is_crash_id, parse_int
 from reporting_endpoint.storage.filters import HOUR_MS, Bucket
 
 # Windows the picker offers, and the bucket each one's chart is drawn in.
@@ -151,7 +151,7 @@ def path_id(request: Request, name: str, what: str) -> int:
 
 def crash_id(request: Request) -> str:
     value: str = request.path_params["crash_id"]
-    if not (len(value) == 32 and all(c in "0123456789abcdef" for c in value)):
+    if not is_crash_id(value):
         raise Refusal(400, "invalid_id", "a crash id is 32 hex digits")
     return value
 
