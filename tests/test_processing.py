@@ -34,11 +34,14 @@ def test_two_claimers_never_take_the_same_crash(database_url: str) -> None:
             async def claim_all(storage: Storage, owner: str) -> list[str]:
                 taken: list[str] = []
                 for _ in range(100):
-                    claim = await storage.claim_crashes(owner, 3, lease_ms=LEASE, max_attempts=3)
+                    claim = await storage.claim_crashes(owner, 1, lease_ms=LEASE, max_attempts=3)
                     if not claim.crashes:
                         return taken
                     taken += [c.id for c in claim.crashes]
-                    await asyncio.sleep(0)
+                    # Spread the claims over time, so that both claimers are still claiming
+                    # when the other starts, however slow the machine (it flaked at 3 a
+                    # claim and no pause: one side took all 40 before the other began).
+                    await asyncio.sleep(0.02)
                 raise AssertionError("claims never ran out")
 
             a, b = await asyncio.gather(claim_all(first, "a"), claim_all(second, "b"))
