@@ -460,7 +460,7 @@ def test_processes_migrating_one_fresh_sqlite_file_at_once(tmp_path: Path) -> No
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    for trial in range(3):
+    for trial in range(8):
         path = str(tmp_path / f"race{trial}.sqlite3")
         barrier = context.Barrier(4)
         processes = [context.Process(target=_start_storage, args=(path, barrier)) for _ in range(4)]

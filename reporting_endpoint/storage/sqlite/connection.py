@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 from reporting_endpoint.storage.sqlite.schema import apply_migrations
@@ -34,8 +35,30 @@ def configure(connection: sqlite3.Connection, synchronous: str = "FULL") -> None
     # The busy timeout first: switching a new file to WAL takes a lock that processes starting
     # together contend for.
     connection.execute("PRAGMA busy_timeout=5000")
-    connection.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(connection)
     connection.execute(f"PRAGMA synchronous={synchronous.upper()}")
+
+
+# Bounds the retries of the switch to WAL below (seconds).
+_WAL_SWITCH_DEADLINE = 10.0
+
+
+def _switch_to_wal(connection: sqlite3.Connection) -> None:
+    # SQLite answers SQLITE_BUSY at once, without calling the busy handler, when this
+    # connection holds a shared lock and another holds the reserved lock (a deadlock it refuses
+    # to wait on): processes opening one fresh file together hit that while one of them
+    # migrates. So the switch is retried here, bounded in time.
+    deadline = time.monotonic() + _WAL_SWITCH_DEADLINE
+    pause = 0.01
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def migrate(path: Path) -> int:
