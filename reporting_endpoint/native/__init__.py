@@ -1,0 +1,1 @@
+"""Native crashes past the facts: module identity, symbols, stack walking and signatures."""
