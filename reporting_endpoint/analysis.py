@@ -22,14 +22,19 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from reporting_endpoint.blobstores import BlobStore
 from reporting_endpoint.issue_keys import crash_issue_key, stored_crash
 from reporting_endpoint.issues.rules import RuleSet
+from reporting_endpoint.native.symbol_finder import SymbolFinder
 from reporting_endpoint.processing import ProcessorDied, ProcessorPool
 from reporting_endpoint.records import IssueKey, NewCrash
 from reporting_endpoint.storage.base import PendingCrash, Storage, StorageError
+
+if TYPE_CHECKING:
+    from reporting_endpoint.native.upstream import UpstreamSymbols
 
 log = logging.getLogger("reporting_endpoint.analysis")
 
@@ -62,9 +67,11 @@ class DumpAnalyzer:
         blobs: BlobStore,
         rules: RuleSet | None = None,
         options: ProcessingOptions | None = None,
+        upstream: UpstreamSymbols | None = None,
     ) -> None:
         self.storage = storage
         self.blobs = blobs
+        self.symbols = SymbolFinder(storage, blobs, upstream)
         self.rules = rules if rules is not None else RuleSet()
         self.options = options or ProcessingOptions()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -201,15 +208,42 @@ class DumpAnalyzer:
         await self.record(crash_id, await self.parse(dump_path), crash)
 
     async def parse(self, dump_path: str) -> dict[str, Any] | Exception:
-        """The dump's facts, or why it could not be read (``ProcessorDied`` is raised)."""
+        """The dump's facts, or why it could not be read (``ProcessorDied`` is raised); with
+        its modules, frames, missing symbols and a signature from the frames when the stack
+        could be walked."""
         try:
             # On S3 a temp download for the parse; on the folder store the blob file itself.
             async with self.blobs.local_file(dump_path) as path:
-                return await self.pool.parse(path)
-        except ProcessorDied:
+                facts = await self.pool.parse(path)
+                modules = facts.get("modules")
+                if isinstance(modules, list) and modules:
+                    facts.update(await self._stack(path, modules, str(facts.get("signature"))))
+                return facts
+        except (ProcessorDied, StorageError):
+            # Not the dump's fault: the crash stays claimed and is tried again.
             raise
         except Exception as exc:
             return exc
+
+    async def _stack(
+        self, path: Path, modules: list[dict[str, Any]], fallback: str
+    ) -> dict[str, Any]:
+        """Frames and signature; {} when the walk fails (the facts still stand). A processor
+        that dies here raises ``ProcessorDied`` like one that dies parsing."""
+        try:
+            async with self.symbols.stored(modules) as found:
+                stack = await self.pool.stack(path, found, fallback)
+                missing = stack.get("missing_symbols") or []
+                if missing and self.symbols.upstream is not None:
+                    fetched = await self.symbols.from_upstream(missing)
+                    if fetched:
+                        stack = await self.pool.stack(path, {**found, **fetched}, fallback)
+                return stack
+        except (ProcessorDied, StorageError):
+            raise
+        except Exception:
+            log.exception("stack of %s not walked; its facts are kept", path)
+            return {}
 
     async def record(
         self,

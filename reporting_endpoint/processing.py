@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,21 @@ def parse_in_child(path: str) -> dict[str, Any]:
     delay = os.environ.get(DELAY_VARIABLE)
     if delay:
         time.sleep(float(delay))
-    return parse_dump(Path(path)).as_dict()
+    facts = parse_dump(Path(path)).as_dict()
+    if facts.get("parser") == "minidump":
+        from reporting_endpoint.native.symbolication import dump_modules
+
+        facts["modules"] = dump_modules(path)
+    return facts
+
+
+def stack_in_child(
+    path: str, symbols: dict[tuple[str, str], Any], fallback_signature: str
+) -> dict[str, Any]:
+    """The crashing thread's frames, missing symbols and signature (``native.symbolication``)."""
+    from reporting_endpoint.native.symbolication import analyse_stack
+
+    return analyse_stack(path, symbols, fallback_signature)
 
 
 class ProcessorPool:
@@ -96,16 +111,23 @@ class ProcessorPool:
         return self._executor
 
     async def parse(self, path: Path) -> dict[str, Any]:
+        return await self._run(parse_in_child, str(path))
+
+    async def _run(self, function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         executor = self._current()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                executor, parse_in_child, str(path)
-            )
+            return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
         except BrokenProcessPool as exc:
             if self._executor is executor:
                 self._executor = None
                 executor.shutdown(wait=False, cancel_futures=True)
             raise ProcessorDied(str(exc) or "a processor died") from None
+
+    async def stack(
+        self, path: Path, symbols: dict[tuple[str, str], Any], fallback_signature: str
+    ) -> dict[str, Any]:
+        """Walk and symbolicate the dump's crashing thread in a child."""
+        return await self._run(stack_in_child, str(path), symbols, fallback_signature)
 
     def pids(self) -> list[int]:
         """The children alive now (tests kill one)."""
