@@ -18,6 +18,7 @@ from reporting_endpoint.alerts.rules import AlertConfig
 from reporting_endpoint.alerts.sender import AlertService
 from reporting_endpoint.analysis import DumpAnalyzer
 from reporting_endpoint.api import BearerTokenMiddleware, api_routes
+from reporting_endpoint.api.symbols import SymbolsApi
 from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
 from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
 from reporting_endpoint.daily import roll_up_loop
@@ -121,6 +122,9 @@ def routes(
     reports = ReportsEndpoint(settings, default_validator(), storage, analyzer.rules)
     crashpad = CrashpadEndpoint(settings, storage, analyzer.blobs, analyzer.stored)
     health = HealthEndpoint(storage, processing=analyzer.options.processors)
+    symbols = SymbolsApi(settings, storage, analyzer.blobs)
+    # The read token for reading, the write token for uploading: the same rule as /api.
+    tokens = [Middleware(BearerTokenMiddleware, token=settings.read_token)]
 
     async def queue_now() -> None:
         queue_depth(storage.health().queue_depth)
@@ -166,9 +170,11 @@ def routes(
         Route("/metrics", MetricsEndpoint(settings.metrics_token, hooks), methods=["GET"]),
         Mount(
             "/api",
-            routes=api_routes(storage, analyzer.blobs),
-            middleware=[Middleware(BearerTokenMiddleware, token=settings.read_token)],
+            routes=[*api_routes(storage, analyzer.blobs), *symbols.api_routes()],
+            middleware=tokens,
         ),
+        # Breakpad's symbol-server layout (what symbol clients fetch) and symbol uploads.
+        Mount("/symbols", routes=symbols.server_routes(), middleware=tokens),
         *dashboard_routes(settings, storage, analyzer.blobs),
     ]
 

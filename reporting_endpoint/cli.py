@@ -1,5 +1,5 @@
-"""Command line: serve, process, export, stats, prune, delete, copy, issues, regroup, header: thin
-wrappers over the working modules."""
+"""Command line: serve, process, export, stats, prune, delete, copy, issues, regroup, symbols,
+header: thin wrappers over the working modules."""
 
 from __future__ import annotations
 
@@ -91,6 +91,15 @@ SETTING_HELP: dict[str, str] = {
     "process_max_attempts": "claims a crash gets before it is marked failed (default 3)",
     "process_poll_seconds": "seconds between looks for crashes stored by other processes"
     " (default 2)",
+    "symbol_upload_max_bytes": "largest POST /symbols/upload body in bytes (default 2 GiB)",
+    "symbol_servers": "comma-separated base URLs of Breakpad symbol servers asked for symbols"
+    " the store lacks (default: none)",
+    "symbol_cache_bytes": "disk space for symbol files fetched from symbol_servers; least"
+    " recently used go first (default 1 GiB)",
+    "symbol_fetch_timeout": "seconds a symbol server may stay silent before the fetch counts"
+    " as a miss (default 20)",
+    "symbol_negative_cache_seconds": "seconds a symbol no server had is not asked for again"
+    " (default 3600)",
 }
 _CHOICES = {
     "sqlite_synchronous": ["FULL", "EXTRA", "NORMAL"],
@@ -294,9 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from reporting_endpoint.copying import add_copy_parser
     from reporting_endpoint.issue_commands import add_parsers as add_issue_parsers
+    from reporting_endpoint.symbol_commands import add_parsers as add_symbol_parsers
 
     add_copy_parser(commands)
     add_issue_parsers(commands)
+    add_symbol_parsers(commands)
 
     header = commands.add_parser(
         "header", help="print the headers that make browsers report to the service"
@@ -360,6 +371,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
             command = getattr(issue_commands, args.command)
             return int(command(args, stream))
+        if args.command == "symbols":
+            from reporting_endpoint import symbol_commands
+
+            return symbol_commands.symbols(args, stream)
         if args.command == "header":
             return _header(args, stream)
         if args.command == "copy":

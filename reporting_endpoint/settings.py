@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 ENV_PREFIX = "REPORTING_ENDPOINT_"
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 # A signing key shorter than this is guessable offline from one signed cookie.
 MIN_SECRET_KEY = 32
 # A dashboard session lasts a year at most.
@@ -138,6 +139,16 @@ class Settings:
     process_lease_seconds: float = 300.0
     process_max_attempts: int = 3
     process_poll_seconds: float = 2.0
+    # Symbols (README "Symbols"): the largest POST /symbols/upload body (a zip of an Electron
+    # release's symbols is hundreds of MiB; a Chromium-sized one a few GiB).
+    symbol_upload_max_bytes: int = 2 * GiB
+    # Symbol servers asked for a module the store lacks, in order: <base>/<file>/<id>/<name>.
+    symbol_servers: tuple[str, ...] = ()
+    # What their answers may take on disk (least recently used go first), how long one may
+    # stay silent before it counts as a miss, and how long a miss is remembered.
+    symbol_cache_bytes: int = 1 * GiB
+    symbol_fetch_timeout: float = 20.0
+    symbol_negative_cache_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -162,6 +173,9 @@ class Settings:
             "process_lease_seconds",
             "process_max_attempts",
             "process_poll_seconds",
+            "symbol_upload_max_bytes",
+            "symbol_cache_bytes",
+            "symbol_fetch_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
@@ -208,6 +222,13 @@ class Settings:
                 raise SettingsError(f"{name} must be an http:// or https:// URL with a host")
         if self.webhook_secret is not None and self.webhook_url is None:
             raise SettingsError("webhook_secret goes with webhook_url")
+        for server in self.symbol_servers:
+            if not _http_url(server):
+                raise SettingsError(
+                    f"symbol_servers: {server!r} is not an http:// or https:// URL with a host"
+                )
+        if self.symbol_negative_cache_seconds < 0:
+            raise SettingsError("symbol_negative_cache_seconds must not be negative")
 
     def _check_intake(self) -> None:
         from reporting_endpoint.intake import IntakeError, allowed_site_hosts, parse_sample_rates
