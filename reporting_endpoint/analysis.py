@@ -120,6 +120,8 @@ class DumpAnalyzer:
                     )
                 self._claimed.clear()
         await self.pool.close()
+        if self.symbols.upstream is not None:
+            await self.symbols.upstream.aclose()
 
     async def idle(self) -> None:
         """Wait until a claim that began after this call found nothing to do (tests use it to

@@ -23,6 +23,7 @@ from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
 from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
 from reporting_endpoint.daily import roll_up_loop
 from reporting_endpoint.dashboard import dashboard_routes
+from reporting_endpoint.native.upstream import upstream_from_settings
 from reporting_endpoint.errors import EXCEPTION_HANDLERS
 from reporting_endpoint.grouping import warm_up
 from reporting_endpoint.health import HealthEndpoint
@@ -197,7 +198,9 @@ def create_app(
     rules = settings.fingerprint_rule_set()
     alert_config: AlertConfig = settings.alert_config()
     alerts = AlertService(storage, alert_config, settings.public_url)
-    analyzer = DumpAnalyzer(storage, blobs, rules, settings.processing_options())
+    analyzer = DumpAnalyzer(
+        storage, blobs, rules, settings.processing_options(), upstream_from_settings(settings)
+    )
     analyzer.on_outcome = crash_parsed
     # Async callbacks /metrics awaits before it renders, to set gauges from a storage read;
     # add to app.state.metrics_hooks (README "Metrics").

@@ -10,6 +10,7 @@ import logging
 import signal
 
 from reporting_endpoint.analysis import DumpAnalyzer
+from reporting_endpoint.native.upstream import upstream_from_settings
 from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
 from reporting_endpoint.processing import default_processors
 from reporting_endpoint.settings import Settings
@@ -30,7 +31,13 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     blobs = open_blob_store(
         settings.blob_store or "", settings.data_dir, locks=blob_locks_of(storage)
     )
-    analyzer = DumpAnalyzer(storage, blobs, settings.fingerprint_rule_set(), options)
+    analyzer = DumpAnalyzer(
+        storage,
+        blobs,
+        settings.fingerprint_rule_set(),
+        options,
+        upstream_from_settings(settings),
+    )
     await blobs.start()
     try:
         await storage.start()
