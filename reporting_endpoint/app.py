@@ -23,7 +23,6 @@ from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
 from reporting_endpoint.crashpad import CrashpadEndpoint, discarded
 from reporting_endpoint.daily import roll_up_loop
 from reporting_endpoint.dashboard import dashboard_routes
-from reporting_endpoint.native.upstream import upstream_from_settings
 from reporting_endpoint.errors import EXCEPTION_HANDLERS
 from reporting_endpoint.grouping import warm_up
 from reporting_endpoint.health import HealthEndpoint
@@ -43,6 +42,7 @@ from reporting_endpoint.middleware import (
     Responder,
     json_rejection,
 )
+from reporting_endpoint.native.upstream import upstream_from_settings
 from reporting_endpoint.reports import ReportsEndpoint
 from reporting_endpoint.retention import retention_loop
 from reporting_endpoint.settings import Settings

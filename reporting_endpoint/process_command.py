@@ -10,8 +10,8 @@ import logging
 import signal
 
 from reporting_endpoint.analysis import DumpAnalyzer
-from reporting_endpoint.native.upstream import upstream_from_settings
 from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
+from reporting_endpoint.native.upstream import upstream_from_settings
 from reporting_endpoint.processing import default_processors
 from reporting_endpoint.settings import Settings
 from reporting_endpoint.storage import open_storage

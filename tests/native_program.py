@@ -87,6 +87,7 @@ int main(int argc, char **argv) {
 }
 """
 
+
 # Lines of the three calls in SOURCE once formatted (1-based), computed rather than written.
 def line_of(source: str, text: str) -> int:
     for number, line in enumerate(source.splitlines(), 1):
@@ -133,6 +134,5 @@ def crash_and_upload(
         if done and done[0].stat().st_size > 32:
             return done[0].read_bytes()[32:].decode()
         time.sleep(0.05)
-    raise TimeoutError(
-        f"no upload id recorded (exit {result.returncode}); stderr: {result.stderr.decode()[-2000:]}"
-    )
+    stderr = result.stderr.decode()[-2000:]
+    raise TimeoutError(f"no upload id recorded (exit {result.returncode}); stderr: {stderr}")

@@ -34,7 +34,9 @@ def _crash(url: str, crash_id: str, *, until: Any = None, timeout: float = 30) -
     """The crash as the API answers it, once processed (and ``until(crash)`` holds)."""
     deadline = time.monotonic() + timeout
     while True:
-        crash: dict[str, Any] = httpx2.get(f"{url}/api/crashes/{crash_id}", headers=_auth(READ)).json()
+        crash: dict[str, Any] = httpx2.get(
+            f"{url}/api/crashes/{crash_id}", headers=_auth(READ)
+        ).json()
         done = crash.get("parse_status") == "parsed" and (until is None or until(crash))
         if done or time.monotonic() > deadline:
             return crash
@@ -69,7 +71,9 @@ def test_a_real_crash_symbolicates_once_its_elf_is_uploaded_and_a_rebuild_joins_
         ("level1", line_of(source, "return level2(pointer) + 7;")),
     ]
     with running_service(tmp_path / "s.sqlite3", env=ENV) as server:
-        first = crash_and_upload(binary, handler, tmp_path / "db1", server.url + "/crashpad", ANNOTATIONS)
+        first = crash_and_upload(
+            binary, handler, tmp_path / "db1", server.url + "/crashpad", ANNOTATIONS
+        )
         before = _crash(server.url, first)
         # Without symbols: module+offset of the instruction, and the module is listed missing.
         assert before["parse_status"] == "parsed"
@@ -96,7 +100,9 @@ def test_a_real_crash_symbolicates_once_its_elf_is_uploaded_and_a_rebuild_joins_
         assert after["frames"][0]["file"].endswith("crasher.c")
         assert after["signature"] == "level3"
         assert after["issue_id"] != old_issue
-        assert [m["has_symbols"] for m in after["modules"] if m["debug_file"] == "crasher"] == [True]
+        assert [m["has_symbols"] for m in after["modules"] if m["debug_file"] == "crasher"] == [
+            True
+        ]
 
         # A second build with an unrelated change: other offsets, another build id, same bug.
         binary2, source2 = build(
