@@ -95,7 +95,8 @@ class _Resolver:
                 else (found.sym_path, found.key)
             )
             try:
-                loaded = _symbol_library().get(content, Path(path))
+                # The id picks the right object out of a fat Mach-O or a multi-arch archive.
+                loaded = _symbol_library().get(content, Path(path), debug_id=key[1])
             except Exception as exc:
                 log.warning("symbols %s/%s not loaded: %s", key[0], key[1], exc)
         self._loaded[key] = loaded
@@ -111,7 +112,7 @@ class _Resolver:
         table = _tables.get(found.key)
         if table is None:
             try:
-                sym = _symbol_library().get(found.key, Path(found.sym_path))
+                sym = _symbol_library().get(found.key, Path(found.sym_path), debug_id=key[1])
                 table = UnwindTable.from_lines(sym.stack_records())
             except Exception as exc:
                 log.warning("unwind records of %s/%s not read: %s", key[0], key[1], exc)
