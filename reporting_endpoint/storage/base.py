@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from reporting_endpoint.issues.triage import StatusChange
+from reporting_endpoint.native.records import MissingSymbols, SymbolFile
 from reporting_endpoint.records import IssueKey, NewCrash, NewReport, RejectedReport
 from reporting_endpoint.storage.alert_store import AlertStore
 from reporting_endpoint.storage.filters import Bucket, Filters, Position, Source
@@ -249,7 +250,10 @@ class Storage(AlertStore, Protocol):
     ) -> None:
         """Mark the crash parsed with its facts (a fact that cannot be stored marks it failed:
         either way it leaves ``pending``) and, with ``issue``, count it in that issue in the
-        same transaction (None: the crash belongs to no issue). With ``owner`` (the claimer)
+        same transaction (None: the crash belongs to no issue). Besides the scalar facts,
+        ``modules`` and ``frames`` (lists of dicts) are stored as they are, and
+        ``missing_symbols`` (``[debug_file, debug_id, code_file]`` lists) replace the crash's
+        missing modules. With ``owner`` (the claimer)
         nothing is written unless the crash is still pending and leased to ``owner``: a lease
         that ran out may have let another processor record it already."""
         ...
@@ -290,12 +294,14 @@ class Storage(AlertStore, Protocol):
         ...
 
     async def unreferenced_blobs(self, blobs: Sequence[Blob]) -> tuple[Blob, ...]:
-        """Those of ``blobs`` no crash row (dump or attachment) references now: checked again
-        after a deletion committed, since an upload of the same content may have come in."""
+        """Those of ``blobs`` no crash row (dump or attachment) and no symbol file references
+        now: checked again after a deletion committed, since an upload of the same content may
+        have come in."""
         ...
 
     async def referenced_blobs(self) -> frozenset[str]:
-        """The sha256 of every blob some crash row references (for the orphan sweep)."""
+        """The sha256 of every blob some crash row or symbol file references (for the orphan
+        sweep)."""
         ...
 
     async def roll_up_days(self, now_ms: int) -> int:
@@ -330,7 +336,11 @@ class Storage(AlertStore, Protocol):
         self, filters: Filters, limit: int, after: Position | None = None
     ) -> Page: ...
 
-    async def get_crash(self, crash_id: str) -> dict[str, Any] | None: ...
+    async def get_crash(self, crash_id: str) -> dict[str, Any] | None:
+        """One crash as ``crash_page`` shows it, plus ``modules`` (each module's dict with
+        ``has_symbols``: whether a symbol file of its key is stored) and ``frames`` (the
+        crashing thread's), both ``[]`` until the crash is processed."""
+        ...
 
     async def crash_dump_path(self, crash_id: str) -> str | None:
         """The dump's blob path of a crash (never shown in the JSON)."""
@@ -402,6 +412,38 @@ class Storage(AlertStore, Protocol):
         the dict ``get_report`` / ``get_crash`` answers, ``raw`` included), rebuild the
         issue counters, keep the status and history of issues whose fingerprint survives,
         delete issues left without events; answers how many events changed issue."""
+        ...
+
+    # --- symbols (issue 15) ----------------------------------------------------------------
+
+    async def put_symbol_files(self, files: Sequence[SymbolFile]) -> int:
+        """Store ``files`` by (debug_file, debug_id), replacing a stored one of the same key,
+        and in the same transaction send every crash that missed symbols for one of those keys
+        back to processing (pending, attempts 0, no lease: a processor holding one has its
+        result refused by the owner check) with those keys taken off its missing list.
+        Answers how many crashes went back."""
+        ...
+
+    async def get_symbol_files(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], SymbolFile]:
+        """The stored symbol files of those (debug_file, debug_id) keys, by key (keys without
+        one are left out). A read."""
+        ...
+
+    async def get_symbol_file(self, debug_file: str, debug_id: str) -> SymbolFile | None: ...
+
+    async def list_symbol_files(
+        self, limit: int = 100, after: tuple[str, str] | None = None
+    ) -> list[SymbolFile]:
+        """Up to ``limit`` symbol files in (debug_file, debug_id) order (byte order), those
+        after the key ``after`` (the last one of the previous page)."""
+        ...
+
+    async def missing_symbols(self, limit: int = 100) -> list[MissingSymbols]:
+        """Modules processed crashes needed symbols for and that the store still lacks, with
+        how many crashes miss each and when the newest of them came; most crashes first, then
+        by key."""
         ...
 
     # --- moving whole databases (``copy``) ------------------------------------------------

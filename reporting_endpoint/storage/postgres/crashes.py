@@ -15,7 +15,8 @@ import orjson
 
 from reporting_endpoint.records import IssueKey, NewCrash
 from reporting_endpoint.storage.issue_rows import crash_dims
-from reporting_endpoint.storage.postgres import issue_writes
+from reporting_endpoint.storage.native_rows import NATIVE_COLUMNS, native_facts
+from reporting_endpoint.storage.postgres import issue_writes, symbols
 from reporting_endpoint.storage.postgres.values import clean_text
 from reporting_endpoint.storage.rows import FACT_COLUMNS, U64_FACTS, u64_to_db
 
@@ -85,6 +86,8 @@ async def record_facts(
     savepoint, so its failure does not abort the transaction the fallback runs in. With
     ``issue`` the crash is counted in that issue in the same transaction (as in SQLite, a
     crash parsed again leaves the issue it was counted in first, so it never counts twice).
+    The modules, frames and missing symbols are written with the rest, and the crash's
+    ``crash_modules`` rows become its missing symbols (none when the result cannot be stored).
 
     The crash row is locked first, then the issues: the order every transaction takes
     (``issue_writes``), so a parse never deadlocks with a prune or another host's parse.
@@ -115,29 +118,36 @@ async def record_facts(
         await issue_writes.forget(
             connection, issue_writes.tally_crash_rows([tuple(event)]), "crashes"
         )
-    assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(FACT_COLUMNS, 1))
+    columns = (*FACT_COLUMNS, *NATIVE_COLUMNS)
+    assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(columns, 1))
     values = [fact_value(name, facts.get(name)) for name in FACT_COLUMNS]
     await connection.execute("SAVEPOINT facts")
     try:
-        await connection.execute(
+        native = native_facts(facts)
+        status = await connection.execute(
             f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments},"
-            f" {_done(len(FACT_COLUMNS) + 1)} WHERE id = ${len(FACT_COLUMNS) + 2}",
+            f" {_done(len(columns) + 1)} WHERE id = ${len(columns) + 2}",
             *values,
+            native.modules,
+            native.frames,
             now_ms,
             crash_id,
         )
+        if status != "UPDATE 0":  # no rows for a crash deleted meanwhile
+            await symbols.replace_missing(connection, crash_id, native.missing)
     # Server-side data errors (class 22), and asyncpg's own when it cannot encode a value.
     except (asyncpg.DataError, OverflowError, ValueError) as exc:
         await connection.execute("ROLLBACK TO SAVEPOINT facts")
         signature = facts.get("signature")
         await connection.execute(
             "UPDATE crashes SET parse_status = 'failed', parse_error = $1, signature = $2,"
-            f" {_done(3)} WHERE id = $4",
+            f" modules = NULL, frames = NULL, {_done(3)} WHERE id = $4",
             clean_text(f"facts not stored: {type(exc).__name__}: {exc}"[:500]),
             clean_text(signature) if isinstance(signature, str) else "unparseable dump",
             now_ms,
             crash_id,
         )
+        await symbols.replace_missing(connection, crash_id, ())
     else:
         await connection.execute("RELEASE SAVEPOINT facts")
     if issue is not None and issue.fingerprint and event is not None:

@@ -258,7 +258,8 @@ def _attachment_blobs(attachments: object) -> list[tuple[str, str]]:
 
 
 async def _still_used(connection: asyncpg.Connection, shas: list[str]) -> set[str]:
-    """Those of ``shas`` some crash row uses (as its dump or an attachment).
+    """Those of ``shas`` some crash row uses (as its dump or an attachment), or some symbol
+    file (as its text or its native debug file).
 
     Attachments are JSON text (not jsonb, see the migration), and a row copied from
     elsewhere may not even parse: the candidates are found by substring in SQL, then the
@@ -275,6 +276,12 @@ async def _still_used(connection: asyncpg.Connection, shas: list[str]) -> set[st
     for row in rows:
         used.add(str(row[0]))
         used.update(sha for sha, _ in _attachment_blobs(row[1]))
+    symbols = await connection.fetch(
+        "SELECT sym_sha256 FROM symbol_files WHERE sym_sha256 = ANY($1::text[])"
+        " UNION SELECT object_sha256 FROM symbol_files WHERE object_sha256 = ANY($1::text[])",
+        shas,
+    )
+    used.update(str(row[0]) for row in symbols)
     return used & wanted
 
 

@@ -43,7 +43,13 @@ from reporting_endpoint.storage.filters import (
     Source,
     check_by,
 )
-from reporting_endpoint.storage.postgres import group_days
+from reporting_endpoint.storage.native_rows import (
+    NATIVE_COLUMNS,
+    module_keys,
+    stored_modules,
+    with_native,
+)
+from reporting_endpoint.storage.postgres import group_days, symbols
 from reporting_endpoint.storage.rows import (
     CRASH_COLUMNS,
     QUARANTINE_COLUMNS,
@@ -62,6 +68,7 @@ Row = tuple[Any, ...]
 _REPORTS = ", ".join(REPORT_COLUMNS)
 _CRASHES = ", ".join(CRASH_COLUMNS)
 _QUARANTINE = ", ".join(QUARANTINE_COLUMNS)
+_NATIVE = ", ".join(NATIVE_COLUMNS)
 _DIMENSIONS: dict[str, tuple[str, ...]] = {
     "reports": REPORT_DIMENSIONS,
     "crashes": CRASH_DIMENSIONS,
@@ -345,10 +352,18 @@ async def crash_page(
 
 
 async def get_crash(pool: PgPool, crash_id: str) -> dict[str, Any] | None:
+    """One crash with its modules (each saying whether its symbols are stored) and frames."""
     if _unmatchable([crash_id]):
         return None
-    rows = await _fetch(pool, f"SELECT {_CRASHES} FROM crashes WHERE id = $1", (crash_id,))
-    return crash_row_to_dict(rows[0]) if rows else None
+    rows = await _fetch(
+        pool, f"SELECT {_CRASHES}, {_NATIVE} FROM crashes WHERE id = $1", (crash_id,)
+    )
+    if not rows:
+        return None
+    *row, modules_text, frames = rows[0]
+    modules = stored_modules(modules_text)
+    present = await symbols.present(pool, module_keys(modules))
+    return with_native(crash_row_to_dict(row), modules, frames, present)
 
 
 async def crash_dump_path(pool: PgPool, crash_id: str) -> str | None:
@@ -463,11 +478,15 @@ def _attachment_hashes(text: object) -> Iterable[str]:
 
 
 async def referenced_blobs(pool: PgPool) -> frozenset[str]:
-    """The sha256 of every dump and attachment some crash row points at (the orphan sweep)."""
+    """The sha256 of every dump and attachment some crash row points at, and of every symbol
+    file's text and native debug file (the orphan sweep)."""
     async with pool.acquire() as connection, connection.transaction(readonly=True):
         found = {
             str(record[0])
-            for record in await connection.fetch("SELECT DISTINCT dump_sha256 FROM crashes")
+            for record in await connection.fetch(
+                "SELECT dump_sha256 FROM crashes UNION SELECT sym_sha256 FROM symbol_files"
+                " UNION SELECT object_sha256 FROM symbol_files WHERE object_sha256 IS NOT NULL"
+            )
         }
         async for record in connection.cursor(
             "SELECT attachments FROM crashes WHERE attachments <> '[]'",
@@ -484,7 +503,8 @@ def _like_pattern(text: str) -> str:
 
 
 async def unreferenced_blobs(pool: PgPool, blobs: Sequence[Blob]) -> tuple[Blob, ...]:
-    """Those of ``blobs`` no crash row (dump or attachment) references now, by sha256 order.
+    """Those of ``blobs`` no crash row (dump or attachment) and no symbol file references
+    now, by sha256 order.
 
     Dumps through their index; attachments from the rows whose list text holds one of the
     hashes at all (a LIKE, no index), parsed to be sure it is an attachment's ``sha256``.
@@ -500,7 +520,10 @@ async def unreferenced_blobs(pool: PgPool, blobs: Sequence[Blob]) -> tuple[Blob,
             still.update(
                 str(record[0])
                 for record in await connection.fetch(
-                    "SELECT DISTINCT dump_sha256 FROM crashes WHERE dump_sha256 = ANY($1::text[])",
+                    "SELECT dump_sha256 FROM crashes WHERE dump_sha256 = ANY($1::text[])"
+                    " UNION SELECT sym_sha256 FROM symbol_files WHERE sym_sha256 = ANY($1::text[])"
+                    " UNION SELECT object_sha256 FROM symbol_files"
+                    " WHERE object_sha256 = ANY($1::text[])",
                     wanted,
                 )
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from reporting_endpoint.issues.triage import StatusChange
+from reporting_endpoint.native.records import MissingSymbols, SymbolFile
 from reporting_endpoint.records import IssueKey, NewCrash
 from reporting_endpoint.settings import SettingsError
 from reporting_endpoint.storage.alert_store import (
@@ -58,6 +59,7 @@ from reporting_endpoint.storage.sqlite import (
     processing,
     reads,
     rollups,
+    symbols,
     transfer,
 )
 from reporting_endpoint.storage.sqlite.writer import SQLiteWriter
@@ -245,6 +247,11 @@ class SQLiteStorage(SQLiteWriter):
     async def roll_up_days(self, now_ms: int) -> int:
         return await self.run_job(partial(daily.roll_up, now_ms=now_ms))
 
+    async def put_symbol_files(self, files: Sequence[SymbolFile]) -> int:
+        if not files:
+            return 0
+        return await self.run_job(partial(symbols.put_files, files=files))
+
     async def set_issue_status(
         self, issue_id: int, change: StatusChange, now_ms: int
     ) -> dict[str, Any] | None:
@@ -397,6 +404,22 @@ class SQLiteStorage(SQLiteWriter):
         self, limit: int, before: int | None = None, alert_id: int | None = None
     ) -> AlertPage:
         return await self._read(alert_sql.deliveries_page, limit, before, alert_id)
+
+    async def get_symbol_files(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], SymbolFile]:
+        return await self._read(symbols.get_files, keys)
+
+    async def get_symbol_file(self, debug_file: str, debug_id: str) -> SymbolFile | None:
+        return await self._read(symbols.get_file, debug_file, debug_id)
+
+    async def list_symbol_files(
+        self, limit: int = 100, after: tuple[str, str] | None = None
+    ) -> list[SymbolFile]:
+        return await self._read(symbols.list_files, limit, after)
+
+    async def missing_symbols(self, limit: int = 100) -> list[MissingSymbols]:
+        return await self._read(symbols.missing, limit)
 
     async def export_batch(
         self,

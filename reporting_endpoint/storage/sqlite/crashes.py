@@ -12,8 +12,9 @@ from typing import Any
 import orjson
 
 from reporting_endpoint.records import IssueKey, NewCrash
+from reporting_endpoint.storage.native_rows import NATIVE_COLUMNS, native_facts
 from reporting_endpoint.storage.rows import FACT_COLUMNS, U64_FACTS, u64_to_db
-from reporting_endpoint.storage.sqlite import issue_counts
+from reporting_endpoint.storage.sqlite import issue_counts, symbols
 from reporting_endpoint.storage.sqlite.issue_tally import (
     CRASH_EVENT_COLUMNS,
     Tally,
@@ -78,7 +79,9 @@ def record_facts(
     Either way the row leaves ``pending``: a result that cannot be stored must not leave the
     crash to be parsed again, and fail again, at every start. With ``issue``, the crash is
     counted in that issue in the same transaction (a crash parsed again leaves its old issue
-    first, so it is never counted twice).
+    first, so it is never counted twice). The modules, frames and missing symbols
+    (``native_rows.native_facts``) are written with the rest, and the crash's ``crash_modules``
+    rows become its missing symbols (none when the result cannot be stored).
 
     With ``owner`` (a processor's claim), nothing at all is written unless the crash is still
     pending and leased to ``owner``: a claimer whose lease ran out, and whose crash another
@@ -87,19 +90,31 @@ def record_facts(
     if owner is not None and not _still_ours(connection, crash_id, owner):
         return
     forget_issue(connection, crash_id)
-    assignments = ", ".join(f"{name} = ?" for name in FACT_COLUMNS)
+    assignments = ", ".join(f"{name} = ?" for name in (*FACT_COLUMNS, *NATIVE_COLUMNS))
     values = [_fact_value(name, facts.get(name)) for name in FACT_COLUMNS]
     try:
-        connection.execute(
-            f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments},"
-            f" {_DONE} WHERE id = ?",
-            (*values, now_ms, crash_id),
-        )
+        native = native_facts(facts)
+        # Under a savepoint, as on PostgreSQL: a result half written (the row without its
+        # missing modules) is taken back whole before the fallback below.
+        connection.execute("SAVEPOINT facts")
+        try:
+            updated = connection.execute(
+                f"UPDATE crashes SET parse_status = 'parsed', parse_error = NULL, {assignments},"
+                f" {_DONE} WHERE id = ?",
+                (*values, native.modules, native.frames, now_ms, crash_id),
+            ).rowcount
+            if updated:  # no rows for a crash deleted meanwhile
+                symbols.replace_missing(connection, crash_id, native.missing)
+        except BaseException:
+            connection.execute("ROLLBACK TO SAVEPOINT facts")
+            raise
+        finally:
+            connection.execute("RELEASE SAVEPOINT facts")
     except (OverflowError, ValueError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
         signature = facts.get("signature")
         connection.execute(
             "UPDATE crashes SET parse_status = 'failed', parse_error = ?, signature = ?,"
-            f" {_DONE} WHERE id = ?",
+            f" modules = NULL, frames = NULL, {_DONE} WHERE id = ?",
             (
                 _text(f"facts not stored: {type(exc).__name__}: {exc}"[:500]),
                 _text(signature) if isinstance(signature, str) else "unparseable dump",
@@ -107,6 +122,7 @@ def record_facts(
                 crash_id,
             ),
         )
+        symbols.replace_missing(connection, crash_id, ())
     if issue is not None and issue.fingerprint:
         assign_issue(connection, crash_id, issue, now_ms)
 

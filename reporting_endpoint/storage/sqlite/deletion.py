@@ -126,7 +126,8 @@ def _blobs_of(rows: Iterable[Sequence[Any]]) -> dict[str, str]:
 
 
 def _unreferenced(connection: sqlite3.Connection, files: dict[str, str]) -> tuple[Blob, ...]:
-    """The files of ``files`` that no crash row (dump or attachment) still points at."""
+    """The files of ``files`` that no crash row (dump or attachment) and no symbol file
+    (its text or its native debug file) still points at."""
     if not files:
         return ()
     wanted = orjson.dumps(sorted(files)).decode()
@@ -137,7 +138,11 @@ def _unreferenced(connection: sqlite3.Connection, files: dict[str, str]) -> tupl
             " UNION SELECT json_extract(a.value, '$.sha256') FROM crashes,"
             " json_each(crashes.attachments) AS a"
             " WHERE json_valid(crashes.attachments)"
-            " AND json_extract(a.value, '$.sha256') IN (SELECT value FROM json_each(?1))",
+            " AND json_extract(a.value, '$.sha256') IN (SELECT value FROM json_each(?1))"
+            " UNION SELECT sym_sha256 FROM symbol_files"
+            " WHERE sym_sha256 IN (SELECT value FROM json_each(?1))"
+            " UNION SELECT object_sha256 FROM symbol_files"
+            " WHERE object_sha256 IN (SELECT value FROM json_each(?1))",
             (wanted,),
         )
     }
@@ -153,6 +158,7 @@ def delete_crash(connection: sqlite3.Connection, crash_id: str) -> Deletion:
     if not rows:
         return Deletion()
     touched = issue_counts.forget_events(connection, "crashes", "id = ?", (crash_id,))
+    connection.execute("DELETE FROM crash_modules WHERE crash_id = ?", (crash_id,))
     connection.execute("DELETE FROM crashes WHERE id = ?", (crash_id,))
     issue_counts.settle(connection, touched, "crashes")
     return Deletion(crashes=1, blobs=_unreferenced(connection, _blobs_of(rows)))
@@ -165,6 +171,11 @@ def prune_crashes(connection: sqlite3.Connection, older_than_ms: int) -> Deletio
         (older_than_ms,),
     ).fetchall()
     touched = issue_counts.forget_events(connection, "crashes", "received_at < ?", (older_than_ms,))
+    connection.execute(
+        "DELETE FROM crash_modules WHERE crash_id IN"
+        " (SELECT id FROM crashes WHERE received_at < ?)",
+        (older_than_ms,),
+    )
     deleted = connection.execute(
         "DELETE FROM crashes WHERE received_at < ?", (older_than_ms,)
     ).rowcount
@@ -187,13 +198,16 @@ def unreferenced(connection: sqlite3.Connection, blobs: Sequence[Blob]) -> tuple
 
 
 def referenced(connection: sqlite3.Connection) -> frozenset[str]:
-    """The sha256 of every dump and attachment some crash row points at."""
+    """The sha256 of every dump and attachment some crash row points at, and of every symbol
+    file's text and native debug file."""
     return frozenset(
         str(row[0])
         for row in connection.execute(
             "SELECT dump_sha256 FROM crashes UNION SELECT json_extract(a.value, '$.sha256')"
             " FROM crashes, json_each(crashes.attachments) AS a"
             " WHERE json_valid(crashes.attachments)"
+            " UNION SELECT sym_sha256 FROM symbol_files"
+            " UNION SELECT object_sha256 FROM symbol_files"
         )
         if row[0] is not None
     )

@@ -27,6 +27,12 @@ from reporting_endpoint.storage.filters import (
     Source,
     check_by,
 )
+from reporting_endpoint.storage.native_rows import (
+    NATIVE_COLUMNS,
+    module_keys,
+    stored_modules,
+    with_native,
+)
 from reporting_endpoint.storage.rows import (
     CRASH_COLUMNS,
     QUARANTINE_COLUMNS,
@@ -37,12 +43,13 @@ from reporting_endpoint.storage.rows import (
     report_row_to_dict,
 )
 from reporting_endpoint.storage.spans import levels
-from reporting_endpoint.storage.sqlite import group_days
+from reporting_endpoint.storage.sqlite import group_days, symbols
 from reporting_endpoint.storage.sqlite.rollups import hourly_table_for, table_for
 
 _REPORTS = ", ".join(REPORT_COLUMNS)
 _CRASHES = ", ".join(CRASH_COLUMNS)
 _QUARANTINE = ", ".join(QUARANTINE_COLUMNS)
+_NATIVE = ", ".join(NATIVE_COLUMNS)
 _DIMENSIONS: dict[str, tuple[str, ...]] = {
     "reports": REPORT_DIMENSIONS,
     "crashes": CRASH_DIMENSIONS,
@@ -246,8 +253,16 @@ async def crash_page(
 
 
 async def get_crash(connection: aiosqlite.Connection, crash_id: str) -> dict[str, Any] | None:
-    rows = await _fetch(connection, f"SELECT {_CRASHES} FROM crashes WHERE id = ?", (crash_id,))
-    return crash_row_to_dict(rows[0]) if rows else None
+    """One crash with its modules (each saying whether its symbols are stored) and frames."""
+    rows = await _fetch(
+        connection, f"SELECT {_CRASHES}, {_NATIVE} FROM crashes WHERE id = ?", (crash_id,)
+    )
+    if not rows:
+        return None
+    *row, modules_text, frames = rows[0]
+    modules = stored_modules(modules_text)
+    present = await symbols.present(connection, module_keys(modules))
+    return with_native(crash_row_to_dict(row), modules, frames, present)
 
 
 async def crash_dump_path(connection: aiosqlite.Connection, crash_id: str) -> str | None:
