@@ -233,13 +233,18 @@ class DumpAnalyzer:
         """Frames and signature; {} when the walk fails (the facts still stand). A processor
         that dies here raises ``ProcessorDied`` like one that dies parsing."""
         try:
-            async with self.symbols.stored(modules) as found:
+            async with self.symbols.stored(modules) as (found, known):
                 stack = await self.pool.stack(path, found, fallback)
                 missing = stack.get("missing_symbols") or []
                 if missing and self.symbols.upstream is not None:
                     fetched = await self.symbols.from_upstream(missing)
                     if fetched:
                         stack = await self.pool.stack(path, {**found, **fetched}, fallback)
+                stack["missing_symbols"] = [
+                    entry
+                    for entry in stack.get("missing_symbols") or []
+                    if (entry[0], entry[1]) not in known
+                ]
                 return stack
         except (ProcessorDied, StorageError):
             raise

@@ -298,6 +298,28 @@ def test_a_result_made_before_the_symbols_came_is_refused(database_url: str) -> 
     run(database_url, scenario)
 
 
+def test_symbols_stored_during_the_first_processing_send_the_crash_back(
+    database_url: str,
+) -> None:
+    """The crash had no missing-module rows yet when its symbols came (its processor had
+    looked already): recording the result finds them and sends the crash round again."""
+
+    async def scenario(storage: Storage) -> None:
+        await storage.insert_crash(crash(1, BASE + 1))
+        held = await storage.claim_crashes("a", 5, lease_ms=LEASE, max_attempts=3)
+        assert [c.id for c in held.crashes] == [cid(1)]
+        assert await storage.put_symbol_files([symbol(GPU)]) == 0  # nothing to re-queue yet
+        await storage.record_crash_facts(cid(1), facts(GPU, LIBC), owner="a")
+        assert await status(storage, cid(1)) == "pending"
+        again = await storage.claim_crashes("b", 5, lease_ms=LEASE, max_attempts=3)
+        assert [c.id for c in again.crashes] == [cid(1)]
+        await storage.record_crash_facts(cid(1), facts(LIBC), owner="b")
+        assert await status(storage, cid(1)) == "parsed"
+        assert [(m.debug_file, m.debug_id) for m in await storage.missing_symbols()] == [LIBC]
+
+    run(database_url, scenario)
+
+
 # --- deletion and blobs ----------------------------------------------------------------------
 
 

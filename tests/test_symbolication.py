@@ -56,6 +56,13 @@ def _upload_symbols(url: str, path: Path) -> dict[str, Any]:
     return result
 
 
+def _issue(url: str, issue_id: int) -> dict[str, Any]:
+    answer = httpx2.get(f"{url}/api/issues/{issue_id}", headers=_auth(READ))
+    assert answer.status_code == 200, answer.text
+    issue: dict[str, Any] = answer.json()
+    return issue
+
+
 def _named(frames: list[dict[str, Any]]) -> list[tuple[str | None, int | None]]:
     return [(frame.get("function"), frame.get("line")) for frame in frames]
 
@@ -86,7 +93,8 @@ def test_a_real_crash_symbolicates_once_its_elf_is_uploaded_and_a_rebuild_joins_
             entry["debug_id"] == crasher[0]["debug_id"] and entry["crashes"] == 1
             for entry in missing["missing"]
         ), missing
-        old_issue = before["issue_id"]
+        old_title = _issue(server.url, before["issue_id"])["title"]
+        assert "crasher+0x" in old_title, old_title
 
         # The ELF itself is the debug file: converted on upload, and the crash re-processed.
         stored = _upload_symbols(server.url, binary)
@@ -99,14 +107,18 @@ def test_a_real_crash_symbolicates_once_its_elf_is_uploaded_and_a_rebuild_joins_
         assert [frame["trust"] for frame in after["frames"][:3]] == ["context", "cfi", "cfi"]
         assert after["frames"][0]["file"].endswith("crasher.c")
         assert after["signature"] == "level3"
-        assert after["issue_id"] != old_issue
+        # Regrouped: the crash left its module+offset issue for one named by the function.
+        issue = _issue(server.url, after["issue_id"])
+        assert "level3" in issue["title"] and "crasher+0x" not in issue["title"], issue
+        assert issue["count"] == 1
         assert [m["has_symbols"] for m in after["modules"] if m["debug_file"] == "crasher"] == [
             True
         ]
 
         # A second build with an unrelated change: other offsets, another build id, same bug.
         binary2, source2 = build(
-            tmp_path / "v2", extra="int unrelated(int x) { return x * 3 + 1; }\n" * 3
+            tmp_path / "v2",
+            extra="".join(f"int unrelated{n}(int x) {{ return x * {n} + 1; }}\n" for n in range(9)),
         )
         assert line_of(source2, "return *pointer + 1;") != expected[0][1]
         _upload_symbols(server.url, binary2)
@@ -116,4 +128,5 @@ def test_a_real_crash_symbolicates_once_its_elf_is_uploaded_and_a_rebuild_joins_
         again = _crash(server.url, second)
         assert again["modules"] and again["signature"] == "level3", again["signature"]
         assert again["issue_id"] == after["issue_id"]
+        assert _issue(server.url, after["issue_id"])["count"] == 2
         assert again["frames"][0]["module_offset"] != after["frames"][0]["module_offset"]

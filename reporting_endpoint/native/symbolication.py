@@ -180,10 +180,10 @@ def missing_symbols(
     seen: set[tuple[str, str]] = set()
     missing: list[list[str | None]] = []
     for frame in frames:
-        module = by_name.get(frame.module) if frame.module else None
-        key = module.symbol_key if module is not None else None
-        if module is None or key is None or key in symbols or key in seen:
+        found = by_name.get(frame.module) if frame.module else None
+        key = found.symbol_key if found is not None else None
+        if found is None or key is None or key in symbols or key in seen:
             continue
         seen.add(key)
-        missing.append([key[0], key[1], module.code_file])
+        missing.append([key[0], key[1], found.code_file])
     return missing

@@ -356,14 +356,17 @@ async def get_crash(pool: PgPool, crash_id: str) -> dict[str, Any] | None:
     if _unmatchable([crash_id]):
         return None
     rows = await _fetch(
-        pool, f"SELECT {_CRASHES}, {_NATIVE} FROM crashes WHERE id = $1", (crash_id,)
+        pool, f"SELECT {_CRASHES}, issue_id, {_NATIVE} FROM crashes WHERE id = $1", (crash_id,)
     )
     if not rows:
         return None
-    *row, modules_text, frames = rows[0]
+    *row, issue_id, modules_text, frames = rows[0]
     modules = stored_modules(modules_text)
     present = await symbols.present(pool, module_keys(modules))
-    return with_native(crash_row_to_dict(row), modules, frames, present)
+    crash = with_native(crash_row_to_dict(row), modules, frames, present)
+    # The issue the crash is counted in (None until processed, or without a signature).
+    crash["issue_id"] = None if issue_id is None else int(issue_id)
+    return crash
 
 
 async def crash_dump_path(pool: PgPool, crash_id: str) -> str | None:

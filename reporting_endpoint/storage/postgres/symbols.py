@@ -88,16 +88,42 @@ async def put_files(connection: asyncpg.Connection, files: Sequence[SymbolFile])
 async def replace_missing(
     connection: asyncpg.Connection, crash_id: str, missing: Sequence[MissingRow]
 ) -> None:
-    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys)."""
+    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys).
+
+    Symbols for one of them committed while the crash was being processed found no row to
+    re-queue: the crash goes back now instead (an upload committing in the same instant as
+    this transaction can still miss it; a later upload of that module re-queues it).
+    """
     await connection.execute("DELETE FROM crash_modules WHERE crash_id = $1", crash_id)
-    if missing:
+    if not missing:
+        return
+    await connection.execute(
+        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file)"
+        " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])",
+        crash_id,
+        [row[0] for row in missing],
+        [row[1] for row in missing],
+        [row[2] for row in missing],
+    )
+    files_, ids = _arrays([(row[0], row[1]) for row in missing])
+    arrived = await connection.fetchval(
+        f"SELECT EXISTS (SELECT 1 FROM symbol_files AS s JOIN {_KEYS}"
+        " ON s.debug_file = k.debug_file AND s.debug_id = k.debug_id)",
+        files_,
+        ids,
+    )
+    if arrived:
         await connection.execute(
-            "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file)"
-            " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])",
+            "UPDATE crashes SET parse_status = 'pending', claimed_by = NULL, lease_until = NULL"
+            " WHERE id = $1",
             crash_id,
-            [row[0] for row in missing],
-            [row[1] for row in missing],
-            [row[2] for row in missing],
+        )
+        await connection.execute(
+            f"DELETE FROM crash_modules AS m USING {_KEYS} WHERE m.crash_id = $3"
+            " AND m.debug_file = k.debug_file AND m.debug_id = k.debug_id",
+            files_,
+            ids,
+            crash_id,
         )
 
 

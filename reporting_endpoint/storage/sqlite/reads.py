@@ -255,14 +255,17 @@ async def crash_page(
 async def get_crash(connection: aiosqlite.Connection, crash_id: str) -> dict[str, Any] | None:
     """One crash with its modules (each saying whether its symbols are stored) and frames."""
     rows = await _fetch(
-        connection, f"SELECT {_CRASHES}, {_NATIVE} FROM crashes WHERE id = ?", (crash_id,)
+        connection, f"SELECT {_CRASHES}, issue_id, {_NATIVE} FROM crashes WHERE id = ?", (crash_id,)
     )
     if not rows:
         return None
-    *row, modules_text, frames = rows[0]
+    *row, issue_id, modules_text, frames = rows[0]
     modules = stored_modules(modules_text)
     present = await symbols.present(connection, module_keys(modules))
-    return with_native(crash_row_to_dict(row), modules, frames, present)
+    crash = with_native(crash_row_to_dict(row), modules, frames, present)
+    # The issue the crash is counted in (None until processed, or without a signature).
+    crash["issue_id"] = None if issue_id is None else int(issue_id)
+    return crash
 
 
 async def crash_dump_path(connection: aiosqlite.Connection, crash_id: str) -> str | None:

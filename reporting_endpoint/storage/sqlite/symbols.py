@@ -73,12 +73,33 @@ def put_files(connection: sqlite3.Connection, files: Sequence[SymbolFile]) -> in
 def replace_missing(
     connection: sqlite3.Connection, crash_id: str, missing: Sequence[MissingRow]
 ) -> None:
-    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys)."""
+    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys).
+
+    Symbols for one of them stored while the crash was being processed (after its processor
+    looked, before this commit) found no row to re-queue: the crash goes back now instead.
+    """
     connection.execute("DELETE FROM crash_modules WHERE crash_id = ?", (crash_id,))
+    if not missing:
+        return
     connection.executemany(
         "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file) VALUES (?,?,?,?)",
         [(crash_id, *row) for row in missing],
     )
+    keys = _key_list([(row[0], row[1]) for row in missing])
+    arrived = connection.execute(
+        f"SELECT 1 FROM symbol_files WHERE (debug_file, debug_id) IN ({_KEYS}) LIMIT 1", (keys,)
+    ).fetchone()
+    if arrived is not None:
+        connection.execute(
+            "UPDATE crashes SET parse_status = 'pending', claimed_by = NULL, lease_until = NULL"
+            " WHERE id = ?",
+            (crash_id,),
+        )
+        connection.execute(
+            "DELETE FROM crash_modules WHERE crash_id = ?2"
+            f" AND (debug_file, debug_id) IN ({_KEYS})",
+            (keys, crash_id),
+        )
 
 
 # --- reads ----------------------------------------------------------------------------------
