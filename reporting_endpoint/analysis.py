@@ -217,9 +217,13 @@ class DumpAnalyzer:
             # On S3 a temp download for the parse; on the folder store the blob file itself.
             async with self.blobs.local_file(dump_path) as path:
                 facts = await self.pool.parse(path)
-                modules = facts.get("modules")
+                first = facts.pop("stack", None) or {}
+                modules = first.get("modules")
                 if isinstance(modules, list) and modules:
-                    facts.update(await self._stack(path, modules, str(facts.get("signature"))))
+                    first.update(
+                        await self._stack(path, modules, str(facts.get("signature")), first)
+                    )
+                facts.update(first)
                 return facts
         except (ProcessorDied, StorageError):
             # Not the dump's fault: the crash stays claimed and is tried again.
@@ -228,13 +232,14 @@ class DumpAnalyzer:
             return exc
 
     async def _stack(
-        self, path: Path, modules: list[dict[str, Any]], fallback: str
+        self, path: Path, modules: list[dict[str, Any]], fallback: str, first: dict[str, Any]
     ) -> dict[str, Any]:
-        """Frames and signature; {} when the walk fails (the facts still stand). A processor
-        that dies here raises ``ProcessorDied`` like one that dies parsing."""
+        """The stack walked again with the symbols found for ``modules``; ``first`` (the walk
+        without symbols) when there are none, {} when this fails (the facts still stand). A
+        processor that dies here raises ``ProcessorDied`` like one that dies parsing."""
         try:
             async with self.symbols.stored(modules) as (found, known):
-                stack = await self.pool.stack(path, found, fallback)
+                stack = await self.pool.stack(path, found, fallback) if found else first
                 missing = stack.get("missing_symbols") or []
                 if missing and self.symbols.upstream is not None:
                     fetched = await self.symbols.from_upstream(missing)

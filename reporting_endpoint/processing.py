@@ -75,9 +75,11 @@ def parse_in_child(path: str) -> dict[str, Any]:
         time.sleep(float(delay))
     facts = parse_dump(Path(path)).as_dict()
     if facts.get("parser") == "minidump":
-        from reporting_endpoint.native.symbolication import dump_modules
+        from reporting_endpoint.native.symbolication import analyse_stack
 
-        facts["modules"] = dump_modules(path)
+        # The stack walked without symbols in the same call: most dumps have none in the
+        # store, and then this is the whole result (one call, one read of the file).
+        facts["stack"] = analyse_stack(path, {}, str(facts.get("signature")))
     return facts
 
 

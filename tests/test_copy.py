@@ -221,7 +221,12 @@ async def view(side: Side) -> dict[str, Any]:
             seen[f"series {bucket}"] = series
         crashes = await pages(lambda after: storage.crash_page(Filters(), 5, after))
         seen["crashes"] = crashes
-        seen["crash"] = [await storage.get_crash(c["id"]) for c in crashes]
+        # Issues are numbered afresh at the target (copy regroups there): compared by the
+        # issue pages, not by number.
+        seen["crash"] = [
+            {k: v for k, v in (await storage.get_crash(c["id"]) or {}).items() if k != "issue_id"}
+            for c in crashes
+        ]
         seen["crash export"] = [c async for c in storage.iter_crashes(page_size=4)]
         found = await storage.groups(
             "crashes", ("product", "version", "signature", "parse_status"), Filters(), 100

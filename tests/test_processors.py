@@ -222,8 +222,8 @@ def test_a_short_sustained_load_drains_to_zero_with_memory_bounded(
     database_url: str, tmp_path: Path
 ) -> None:
     """Uploads for 10 s from 4 senders (the full version is benchmarks/crashpad.py --drain):
-    afterwards every crash is parsed within 20 s, and the service's memory (processors
-    included) grew by less than 64 MiB however many crashes came in."""
+    afterwards every crash is processed (parsed, walked) within 45 s, and the service's memory
+    (processors included) grew by less than 64 MiB however many crashes came in."""
     server = service(database_url, tmp_path, "--processors", "1")
     try:
         stop_at = time.monotonic() + 10
@@ -256,7 +256,7 @@ def test_a_short_sustained_load_drains_to_zero_with_memory_bounded(
             time.sleep(0.2)
         for thread in threads:
             thread.join()
-        wait_drained(server, timeout=20)
+        wait_drained(server, timeout=45)
         peak = max(peak, _rss_kib(server.process.pid))
         stored = crashes(server)
         assert len(acknowledged) > 50

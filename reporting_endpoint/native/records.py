@@ -7,7 +7,7 @@ boundaries and are stored as JSON on the crash row.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 # How a frame was found, as Breakpad and rust-minidump name it.
@@ -48,7 +48,16 @@ class Module:
         return None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies, and was half of a processor's walk.
+        return {
+            "base": self.base,
+            "size": self.size,
+            "code_file": self.code_file,
+            "code_id": self.code_id,
+            "debug_file": self.debug_file,
+            "debug_id": self.debug_id,
+            "version": self.version,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +93,26 @@ class Frame:
     inlined: tuple[SourceLine, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "index": self.index,
+            "trust": self.trust,
+            "instruction": self.instruction,
+            "module": self.module,
+            "module_offset": self.module_offset,
+            "function": self.function,
+            "function_offset": self.function_offset,
+            "file": self.file,
+            "line": self.line,
+            "inlined": [
+                {
+                    "function": inline.function,
+                    "file": inline.file,
+                    "line": inline.line,
+                    "function_offset": inline.function_offset,
+                }
+                for inline in self.inlined
+            ],
+        }
 
 
 @dataclass(frozen=True, slots=True)

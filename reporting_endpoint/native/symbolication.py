@@ -4,9 +4,11 @@ Runs in the processor children (``processing``), in two steps because the symbol
 needs are known only once its modules are read, and finding them is the parent's work (the
 storage and the blob store live there):
 
-1. ``dump_modules``: the modules with the ids their symbols are filed under;
-2. ``analyse_stack``: the crashing thread walked with the symbol files the parent found
-   (local paths), frames symbolicated, the signature computed from them.
+1. with the parse, the modules (with the ids their symbols are filed under) and the crashing
+   thread walked without symbols: for a dump whose modules have no symbols in the store, the
+   whole result;
+2. when the store (or an upstream server) has symbols for some of them, the walk again with
+   those files (local paths the parent found), frames symbolicated, the signature from them.
 
 Symbol files are immutable blobs (content addressed), so each child keeps the ones it loaded
 (and their unwind tables) in a bounded cache across crashes: a crash storm of one release loads
@@ -60,16 +62,6 @@ def _symbol_library() -> SymbolLibrary:
     if _library is None:
         _library = SymbolLibrary(max_bytes=LIBRARY_BYTES, max_files=LIBRARY_FILES)
     return _library
-
-
-def dump_modules(dump_path: str) -> list[dict[str, Any]]:
-    """Step 1: the dump's modules as dicts (``Module.as_dict``); [] when they cannot be read."""
-    try:
-        dump = read_dump(Path(dump_path))
-    except Exception as exc:  # a dump the facts parser read may still defeat this reader
-        log.info("modules of %s not read: %s", dump_path, exc)
-        return []
-    return [module.as_dict() for module in dump.modules]
 
 
 class _Resolver:
@@ -143,17 +135,31 @@ def analyse_stack(
     fallback_signature: str,
     limits: WalkLimits | None = None,
 ) -> dict[str, Any]:
-    """Step 2: ``frames`` (dicts), ``missing_symbols`` ([debug_file, debug_id, code_file] of
-    modules the crashing thread ran in that have no symbols) and ``signature`` (from the frames;
-    ``fallback_signature`` when no frame could be named)."""
-    dump = read_dump(Path(dump_path))
-    resolver = _Resolver(symbols)
-    frames = walk_crashing_thread(dump, resolver, limits or WalkLimits())[:STORED_FRAMES]
-    return {
-        "frames": [frame.as_dict() for frame in frames],
-        "missing_symbols": missing_symbols(dump.modules, frames, symbols),
-        "signature": frames_signature(frames, where_it_crashed(frames, fallback_signature)),
-    }
+    """``modules`` (dicts), ``frames`` (dicts), ``missing_symbols`` ([debug_file, debug_id,
+    code_file] of modules the crashing thread ran in that have no symbols) and ``signature``
+    (from the frames; ``fallback_signature`` with frame 0's place when no frame could be named).
+
+    Never raises: a dump this reader cannot read gives {} (the facts parser's result stands), a
+    walk that fails gives the modules alone. Both are logged.
+    """
+    try:
+        dump = read_dump(Path(dump_path))
+    except Exception as exc:  # a dump the facts parser read may still defeat this reader
+        log.info("stack of %s not read: %s", dump_path, exc)
+        return {}
+    modules = [module.as_dict() for module in dump.modules]
+    try:
+        resolver = _Resolver(symbols)
+        frames = walk_crashing_thread(dump, resolver, limits or WalkLimits())[:STORED_FRAMES]
+        return {
+            "modules": modules,
+            "frames": [frame.as_dict() for frame in frames],
+            "missing_symbols": missing_symbols(dump.modules, frames, symbols),
+            "signature": frames_signature(frames, where_it_crashed(frames, fallback_signature)),
+        }
+    except Exception:
+        log.exception("stack of %s not walked", dump_path)
+        return {"modules": modules}
 
 
 def where_it_crashed(frames: Sequence[Frame], signature: str) -> str:
