@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -40,6 +41,9 @@ log = logging.getLogger("reporting_endpoint.analysis")
 
 # Records of crashes stored by this process, kept for their fingerprint (else read back).
 REMEMBERED = 1024
+# How often a processor sends back crashes whose symbols were stored while their result was
+# being recorded (each committed without seeing the other; seconds).
+LATE_SYMBOLS_EVERY = 60.0
 # How long ``idle`` waits at most for the backlog this processor can claim to empty.
 IDLE_TIMEOUT = 120.0
 
@@ -140,7 +144,12 @@ class DumpAnalyzer:
 
     async def _run(self) -> None:
         poll = self.options.poll_seconds
+        late_check = 0.0
+        loop = asyncio.get_running_loop()
         while True:
+            if loop.time() >= late_check:
+                late_check = loop.time() + LATE_SYMBOLS_EVERY
+                await self._requeue_late_symbols()
             try:
                 busy = await self.run_once()
             except StorageError as exc:
@@ -155,6 +164,15 @@ class DumpAnalyzer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll)
             self._wake.clear()
+
+    async def _requeue_late_symbols(self) -> None:
+        try:
+            found = await self.storage.requeue_late_symbols()
+        except Exception as exc:  # the next round tries again
+            log.warning("late symbols not checked: %s", exc)
+            return
+        if found:
+            log.info("%d crash(es) went back to processing: their symbols came late", found)
 
     async def run_once(self) -> bool:
         """Claim one batch and process it; False when there was nothing to claim."""
@@ -237,25 +255,26 @@ class DumpAnalyzer:
         """The stack walked again with the symbols found for ``modules``; ``first`` (the walk
         without symbols) when there are none, {} when this fails (the facts still stand). A
         processor that dies here raises ``ProcessorDied`` like one that dies parsing."""
+        # Before the look: symbols stored after this moment send the crash round again
+        # (the storage compares it with their stamp when the result is recorded).
+        checked_at = int(time.time() * 1000)
         try:
-            async with self.symbols.stored(modules) as (found, known):
+            async with self.symbols.stored(modules) as found:
                 stack = await self.pool.stack(path, found, fallback) if found else first
                 missing = stack.get("missing_symbols") or []
                 if missing and self.symbols.upstream is not None:
                     fetched = await self.symbols.from_upstream(missing)
                     if fetched:
                         stack = await self.pool.stack(path, {**found, **fetched}, fallback)
-                stack["missing_symbols"] = [
-                    entry
-                    for entry in stack.get("missing_symbols") or []
-                    if (entry[0], entry[1]) not in known
-                ]
-                return stack
+                # Modules whose stored symbols could not be read or loaded stay missing: a
+                # fixed upload of them re-queues this crash.
+                return {**stack, "symbols_checked_at": checked_at}
         except (ProcessorDied, StorageError):
             raise
         except Exception:
             log.exception("stack of %s not walked; its facts are kept", path)
-            return {}
+            # Nothing is known about which symbols it needed: none is listed missing.
+            return {"missing_symbols": []}
 
     async def record(
         self,

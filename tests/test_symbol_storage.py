@@ -7,6 +7,7 @@ the previous schema version by hand (as a database of the last release is).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -104,13 +105,30 @@ async def status(storage: Storage, crash_id: str) -> str:
 # --- symbol files ----------------------------------------------------------------------------
 
 
+def unstamped(found: Any) -> Any:
+    """Symbol files as stored, without the time the storage stamped them with."""
+    if isinstance(found, SymbolFile):
+        return dataclasses.replace(found, uploaded_at=0)
+    if isinstance(found, dict):
+        return {key: unstamped(value) for key, value in found.items()}
+    if isinstance(found, list):
+        return [unstamped(value) for value in found]
+    return found
+
+
 def test_symbol_files_are_stored_read_listed_and_replaced(database_url: str) -> None:
     async def scenario(storage: Storage) -> None:
         assert await storage.list_symbol_files() == []
         assert await storage.get_symbol_file(*APP) is None
         files = [symbol(GPU), symbol(APP, object_sha256=None, object_size=None), symbol(LIBC)]
+        before = int(time.time() * 1000)
         assert await storage.put_symbol_files(files) == 0  # no crash was waiting for them
-        assert await storage.get_symbol_file(*APP) == files[1]
+        after = int(time.time() * 1000)
+        stored = await storage.get_symbol_file(*APP)
+        # Stamped by the storage when it stored them (the time crashes compare with).
+        assert stored is not None and before - 1000 <= stored.uploaded_at <= after + 1000
+        files = unstamped(files)
+        assert unstamped(stored) == files[1]
         assert await storage.get_symbol_file("app.pdb", "AAAA2") is None
 
         # In key order (byte order: upper case before lower), one page after the other.
@@ -124,14 +142,14 @@ def test_symbol_files_are_stored_read_listed_and_replaced(database_url: str) -> 
 
         # Hundreds of keys in one lookup, the absent ones left out.
         keys = [APP, LIBC, *((f"m{n}.so", "0" * 33) for n in range(500))]
-        found = await storage.get_symbol_files(keys)
+        found = unstamped(await storage.get_symbol_files(keys))
         assert found == {APP: files[1], LIBC: files[2]}
         assert await storage.get_symbol_files([]) == {}
 
         # A new upload of a key replaces the row.
-        newer = symbol(APP, "2", source="upstream", uploaded_at=BASE + 9)
+        newer = symbol(APP, "2", source="upstream", uploaded_at=0)
         await storage.put_symbol_files([newer])
-        assert await storage.get_symbol_file(*APP) == newer
+        assert unstamped(await storage.get_symbol_file(*APP)) == newer
         assert len(await storage.list_symbol_files()) == 3
 
     run(database_url, scenario)
@@ -316,6 +334,113 @@ def test_symbols_stored_during_the_first_processing_send_the_crash_back(
         await storage.record_crash_facts(cid(1), facts(LIBC), owner="b")
         assert await status(storage, cid(1)) == "parsed"
         assert [(m.debug_file, m.debug_id) for m in await storage.missing_symbols()] == [LIBC]
+
+    run(database_url, scenario)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def looked(at: int, *missing: tuple[str, str]) -> dict[str, Any]:
+    """A result missing ``missing`` whose processor looked for symbols at ``at`` (ms)."""
+    return {**facts(*missing), "symbols_checked_at": at}
+
+
+async def attempts(storage: Storage, database_url: str, crash_id: str) -> int:
+    query = "SELECT attempts FROM crashes WHERE id = "
+    if database_url.startswith("sqlite://"):
+        with sqlite3.connect(database_url.removeprefix("sqlite://")) as connection:
+            return int(connection.execute(query + "?", (crash_id,)).fetchone()[0])
+    connection = await asyncpg.connect(database_url)
+    try:
+        return int(await connection.fetchval(query + "$1", crash_id))
+    finally:
+        await connection.close()
+
+
+def test_symbols_stored_while_a_crash_was_processed_send_it_back_with_fresh_attempts(
+    database_url: str,
+) -> None:
+    """The processor looked before the upload, its result came after: back to processing at
+    once, attempts from zero (a crash sent round by uploads never runs out of attempts)."""
+
+    async def scenario(storage: Storage) -> None:
+        await storage.insert_crash(crash(1, BASE + 1))
+        held = await storage.claim_crashes("a", 5, lease_ms=LEASE, max_attempts=3)
+        assert [c.id for c in held.crashes] == [cid(1)]
+        look = now_ms()
+        assert await storage.put_symbol_files([symbol(GPU)]) == 0  # nothing waiting yet
+        await storage.record_crash_facts(cid(1), looked(look, GPU, LIBC), owner="a")
+        assert await status(storage, cid(1)) == "pending"
+        assert await attempts(storage, database_url, cid(1)) == 0
+        again = await storage.claim_crashes("b", 5, lease_ms=LEASE, max_attempts=1)
+        assert [c.id for c in again.crashes] == [cid(1)]
+        await storage.record_crash_facts(cid(1), looked(now_ms(), LIBC), owner="b")
+        assert await status(storage, cid(1)) == "parsed"
+        assert [(m.debug_file, m.debug_id) for m in await storage.missing_symbols()] == [LIBC]
+
+    run(database_url, scenario)
+
+
+def test_symbols_stored_before_the_look_but_unusable_stay_missing_without_a_loop(
+    database_url: str,
+) -> None:
+    """Symbols the processor had and could not use (a blob gone, a file its loader refused):
+    the crash is not sent round (it would go round for ever), the module stays on the missing
+    list, and uploading it again sends the crash back."""
+
+    async def scenario(storage: Storage) -> None:
+        await storage.put_symbol_files([symbol(GPU)])
+        await storage.insert_crash(crash(1, BASE + 1))
+        await storage.claim_crashes("a", 5, lease_ms=LEASE, max_attempts=3)
+        await storage.record_crash_facts(cid(1), looked(now_ms() + 60_000, GPU), owner="a")
+        assert await status(storage, cid(1)) == "parsed"
+        assert await storage.requeue_late_symbols() == 0
+        assert await status(storage, cid(1)) == "parsed"
+        assert [(m.debug_file, m.debug_id) for m in await storage.missing_symbols()] == [GPU]
+        assert await storage.put_symbol_files([symbol(GPU, "2")]) == 1
+        assert await status(storage, cid(1)) == "pending"
+
+    run(database_url, scenario)
+
+
+def test_an_upload_and_a_result_that_crossed_are_caught_by_the_late_check(
+    database_url: str,
+) -> None:
+    """Each committed without seeing the other (possible on PostgreSQL): the crash kept its
+    missing row for symbols that exist. The processors' periodic check sends it back."""
+
+    async def scenario(storage: Storage) -> None:
+        look = now_ms()
+        await storage.insert_crash(crash(1, BASE + 1))
+        await storage.insert_crash(crash(2, BASE + 2))
+        await storage.record_crash_facts(cid(1), looked(look, GPU))
+        await storage.record_crash_facts(cid(2), looked(look, LIBC))
+        assert await storage.put_symbol_files([symbol(GPU)]) == 1
+        await storage.claim_crashes("a", 5, lease_ms=LEASE, max_attempts=3)
+        await storage.record_crash_facts(cid(1), looked(now_ms()))
+        # The crossing, as the database would hold it: crash 1 parsed, still missing GPU.
+        statements = [
+            "UPDATE crashes SET parse_status = 'parsed' WHERE id = '" + cid(1) + "'",
+            "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, checked_at)"
+            f" VALUES ('{cid(1)}', '{GPU[0]}', '{GPU[1]}', NULL, {look})",
+        ]
+        if database_url.startswith("sqlite://"):
+            with sqlite3.connect(database_url.removeprefix("sqlite://")) as connection:
+                for statement in statements:
+                    connection.execute(statement)
+        else:
+            connection = await asyncpg.connect(database_url)
+            try:
+                for statement in statements:
+                    await connection.execute(statement)
+            finally:
+                await connection.close()
+        assert await status(storage, cid(1)) == "parsed"
+        assert await storage.requeue_late_symbols() == 1
+        assert [await status(storage, cid(n)) for n in (1, 2)] == ["pending", "parsed"]
+        assert await storage.requeue_late_symbols() == 0
 
     run(database_url, scenario)
 

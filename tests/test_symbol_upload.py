@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import subprocess
 import time
 import zipfile
@@ -174,6 +175,60 @@ def test_stripped_elf_is_refused_and_a_symbol_table_is_enough(tmp_path: Path) ->
     assert tree(work) == set()
     (found,) = unpack_symbols(names, "prog", work)
     assert found.debug_id == minidump_debug_id(binary)[0]
+
+
+def test_a_sym_the_processors_would_refuse_is_refused_at_upload(tmp_path: Path) -> None:
+    """A valid MODULE line over records the loader drops as junk: refused now with the
+    loader's code, not stored and found broken when a crash needs it."""
+    upload = tmp_path / "junk.sym"
+    junk = b"FUNC zz not a record\n" * 150_000
+    upload.write_bytes(b"MODULE Linux x86_64 0123456789ABCDEF0123456789ABCDEF0 junk\n" + junk)
+    work = tmp_path / "work"
+    with pytest.raises(SymbolUploadError) as refused:
+        unpack_symbols(upload, upload.name, work)
+    assert refused.value.code == "junk_symbol_file"
+    assert tree(work) == set()
+
+
+def test_a_separate_debug_file_is_filed_under_the_module_it_describes(tmp_path: Path) -> None:
+    """`objcopy --only-keep-debug prog prog.debug`: dumps name the module `prog`."""
+    binary = build(tmp_path, "-g", "-O0")
+    if shutil.which("objcopy") is None:
+        pytest.skip("objcopy not installed")
+    debug = tmp_path / "prog.debug"
+    subprocess.run(["objcopy", "--only-keep-debug", str(binary), str(debug)], check=True)
+    (found,) = unpack_symbols(debug, debug.name, tmp_path / "work")
+    assert (found.debug_file, found.name) == ("prog", "prog.sym")
+    assert found.debug_id == minidump_debug_id(binary)[0]
+
+
+def test_an_elf_with_corrupt_symbol_tables_is_refused_not_an_error(tmp_path: Path) -> None:
+    """Symbol tables whose entry size is below a symbol's: refused with a code (this raised
+    struct.error, a 500 on upload)."""
+    binary = build(tmp_path, "-g", "-O0")
+    if shutil.which("strip") is None:
+        pytest.skip("strip not installed")
+    bare = tmp_path / "bare"
+    subprocess.run(["strip", "-o", str(bare), str(binary)], check=True)
+    data = bytearray(bare.read_bytes())
+    shoff, shentsize, shnum = struct.unpack_from("<Q10xHH", data, 40)
+    corrupted = 0
+    for index in range(shnum):
+        header = shoff + index * shentsize
+        kind = struct.unpack_from("<I", data, header + 4)[0]
+        if kind in (2, 11):  # SHT_SYMTAB, SHT_DYNSYM
+            offset, size = struct.unpack_from("<QQ", data, header + 24)
+            data[offset : offset + size] = bytes(size)
+            struct.pack_into("<Q", data, header + 56, 8)  # sh_entsize
+            corrupted += 1
+    assert corrupted
+    bad = tmp_path / "bad"
+    bad.write_bytes(bytes(data))
+    work = tmp_path / "work"
+    with pytest.raises(SymbolUploadError) as refused:
+        unpack_symbols(bad, "prog", work)
+    assert refused.value.code in {"no_debug_info", "bad_debug_file", "unsupported_debug_file"}
+    assert tree(work) == set()
 
 
 def test_elf_inside_a_zip_is_kept_in_workdir(tmp_path: Path) -> None:

@@ -51,10 +51,9 @@ class SymbolFinder:
     @contextlib.asynccontextmanager
     async def stored(
         self, modules: Sequence[Mapping[str, Any]]
-    ) -> AsyncIterator[tuple[dict[tuple[str, str], SymbolPaths], set[tuple[str, str]]]]:
-        """The symbol files the store has for ``modules`` (on S3, downloaded while held), and
-        every key the store has a row for (a blob that could not be read is not missing: an
-        upload would not help, so it must not be listed as missing)."""
+    ) -> AsyncIterator[dict[tuple[str, str], SymbolPaths]]:
+        """The symbol files the store has for ``modules`` (on S3, downloaded while held); one
+        whose blob cannot be read is left out (the walk lists its module as missing)."""
         keys = symbol_keys(modules)
         files = await self.storage.get_symbol_files(keys) if keys else {}
         found: dict[tuple[str, str], SymbolPaths] = {}
@@ -80,7 +79,7 @@ class SymbolFinder:
                     str(obj) if obj is not None else None,
                     record.object_sha256,
                 )
-            yield found, set(files)
+            yield found
 
     async def from_upstream(
         self, missing: Sequence[Sequence[str | None]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
@@ -20,6 +21,7 @@ from reporting_endpoint.native.symbols import (
     cfi_text,
     object_has_functions,
     parse_module_line,
+    split_breakpad,
 )
 
 COPY_CHUNK = 1024 * 1024
@@ -137,6 +139,17 @@ def unpack_symbols(
             job.add(path, _base_name(filename), staged=False)
         if not job.found:
             raise SymbolUploadError("not_a_symbol_file", "no symbol file in the upload")
+    except SymbolUploadError:
+        job.discard()
+        raise
+    except (MemoryError, KeyboardInterrupt, SystemExit):
+        job.discard()
+        raise
+    except Exception as exc:
+        # A debug file that defeats a parser below (symbolic, the ELF reader) is bad input,
+        # not a server error: refused with a code, never a 500.
+        job.discard()
+        raise SymbolUploadError("bad_debug_file", f"{type(exc).__name__}: {exc}"[:300]) from exc
     except BaseException:
         job.discard()
         raise
@@ -217,6 +230,13 @@ class _Job:
                     if len(fields) == 4:
                         code_file = _base_name(fields[3].decode("utf-8", "replace")) or None
             shutil.copyfileobj(source, out, COPY_CHUNK)
+        # Read it through as the processors will (streaming, records checked one by one): a
+        # file they would refuse is refused now, with its reason, not found broken later.
+        try:
+            with target.open("rb") as stored, open(os.devnull, "wb") as discard:
+                split_breakpad(stored, discard, discard, strict=True)
+        except SymbolFileError as exc:
+            raise SymbolUploadError(exc.code, exc.message) from exc
         return UnpackedSymbols(
             debug_file=debug_file,
             debug_id=debug_id,
@@ -245,6 +265,10 @@ class _Job:
     def convert_object(self, obj: Object, path: Path, debug_file: str) -> UnpackedSymbols:
         if obj.file_format not in _OS_OF_FORMAT:
             raise SymbolUploadError("unsupported_debug_file", f"{obj.file_format} files")
+        if obj.file_format == "elf" and debug_file.endswith(".debug") and len(debug_file) > 6:
+            # `objcopy --only-keep-debug libfoo.so libfoo.so.debug`: a dump names the module
+            # by the mapped file, libfoo.so, and that is what its symbols are filed under.
+            debug_file = debug_file[: -len(".debug")]
         debug_id = breakpad_debug_id(obj.debug_id)
         if not debug_id.strip("0"):
             raise SymbolUploadError("no_debug_id", "the file carries no identifier")

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reporting_endpoint.native.cfi import UnwindTable
-from reporting_endpoint.native.dumpfile import read_dump
+from reporting_endpoint.native.dumpfile import Dump, read_dump
 from reporting_endpoint.native.records import Frame, Module, SourceLine
 from reporting_endpoint.native.signature import frames_signature
 from reporting_endpoint.native.stackwalk import WalkLimits, walk_crashing_thread
@@ -37,8 +37,9 @@ log = logging.getLogger("reporting_endpoint.native")
 # and several times less once loaded; two releases' main modules fit.
 LIBRARY_BYTES = 1536 * 2**20
 LIBRARY_FILES = 256
-# Unwind tables kept per child (one per symbol file, rebuilt from its STACK lines).
-TABLES = 256
+# Unwind tables kept per child (one per symbol file, rebuilt from its STACK lines): few, as
+# one of a Chromium-sized module holds millions of records.
+TABLES = 8
 # Frames stored per crash (the walker stops at its own cap; this bounds the row).
 STORED_FRAMES = 128
 
@@ -72,6 +73,9 @@ class _Resolver:
         self._loaded: dict[tuple[str, str], LoadedSymbols | None] = {}
         self._unwind: dict[tuple[str, str], UnwindTable | None] = {}
         self.used: set[tuple[str, str]] = set()
+        # Symbols found but not loadable (a file the loader refuses, a cache file gone): their
+        # modules are listed missing, so that a fixed upload sends the crash round again.
+        self.failed: set[tuple[str, str]] = set()
 
     def _symbols(self, key: tuple[str, str]) -> LoadedSymbols | None:
         if key in self._loaded:
@@ -91,6 +95,7 @@ class _Resolver:
                 loaded = _symbol_library().get(content, Path(path), debug_id=key[1])
             except Exception as exc:
                 log.warning("symbols %s/%s not loaded: %s", key[0], key[1], exc)
+                self.failed.add(key)
         self._loaded[key] = loaded
         return loaded
 
@@ -108,6 +113,7 @@ class _Resolver:
                 table = UnwindTable.from_lines(sym.stack_records())
             except Exception as exc:
                 log.warning("unwind records of %s/%s not read: %s", key[0], key[1], exc)
+                self.failed.add(key)
                 self._unwind[key] = None
                 return None
             _tables[found.key] = table
@@ -154,7 +160,9 @@ def analyse_stack(
         return {
             "modules": modules,
             "frames": [frame.as_dict() for frame in frames],
-            "missing_symbols": missing_symbols(dump.modules, frames, symbols),
+            "missing_symbols": missing_symbols(
+                dump, frames, set(symbols).difference(resolver.failed)
+            ),
             "signature": frames_signature(frames, where_it_crashed(frames, fallback_signature)),
         }
     except Exception:
@@ -175,21 +183,17 @@ def where_it_crashed(frames: Sequence[Frame], signature: str) -> str:
 
 
 def missing_symbols(
-    modules: Sequence[Module],
-    frames: Sequence[Frame],
-    symbols: Mapping[tuple[str, str], SymbolPaths],
+    dump: Dump, frames: Sequence[Frame], loaded: Set[tuple[str, str]]
 ) -> list[list[str | None]]:
-    """Modules the frames ran in whose symbols were not found, once each, in frame order."""
-    by_name: dict[str, Module] = {}
-    for module in modules:
-        by_name.setdefault(module.name, module)
+    """Modules the frames ran in (found by address: two modules may share a name) whose
+    symbols were not found or not loaded, once each, in frame order."""
     seen: set[tuple[str, str]] = set()
     missing: list[list[str | None]] = []
     for frame in frames:
-        found = by_name.get(frame.module) if frame.module else None
-        key = found.symbol_key if found is not None else None
-        if found is None or key is None or key in symbols or key in seen:
+        module = dump.module_at(frame.instruction)
+        key = module.symbol_key if module is not None else None
+        if module is None or key is None or key in loaded or key in seen:
             continue
         seen.add(key)
-        missing.append([key[0], key[1], found.code_file])
+        missing.append([key[0], key[1], module.code_file])
     return missing

@@ -555,6 +555,10 @@ def elf_defines_functions(path: Path) -> bool:
 def _defines_function(
     handle: BinaryIO, offset: int, size: int, entsize: int, wide: bool, order: str
 ) -> bool:
+    # An entry smaller than a symbol is a corrupt header: unpacking one would read past the
+    # table (a struct.error, once a 500 on upload).
+    if entsize < (24 if wide else 16):
+        return False
     handle.seek(offset)
     data = handle.read(size)
     for start in range(0, len(data) - entsize + 1, entsize):

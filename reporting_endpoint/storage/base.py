@@ -424,6 +424,12 @@ class Storage(AlertStore, Protocol):
         Answers how many crashes went back."""
         ...
 
+    async def requeue_late_symbols(self) -> int:
+        """Send back to processing the crashes (at most 1,000 a call) that miss symbols stored
+        after their processor looked for them: an upload and a result that committed at the same
+        time without seeing each other. Answers how many went back."""
+        ...
+
     async def get_symbol_files(
         self, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], SymbolFile]:

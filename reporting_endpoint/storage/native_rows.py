@@ -30,6 +30,11 @@ SYMBOL_COLUMNS = (
     "sym_size", "object_sha256", "object_size", "source", "uploaded_at",
 )  # fmt: skip
 
+# A symbol file counts as arrived after a processor looked for it when it was stored less than
+# this before the look (ms): its stamp is taken by the writer just before the commit, and a
+# processor on another host reads its own clock. Within it a crash may go round once more.
+ARRIVAL_SLACK_MS = 5_000
+
 Key = tuple[str, str]
 MissingRow = tuple[str, str, str | None]
 
@@ -70,6 +75,8 @@ class NativeFacts:
     modules: str | None
     frames: str | None
     missing: tuple[MissingRow, ...]
+    # When the processor looked for symbols (ms since the epoch; 0 when it did not say).
+    checked_at: int = 0
 
 
 def _json_list(facts: Mapping[str, Any], name: str) -> str | None:
@@ -109,7 +116,9 @@ def native_facts(facts: Mapping[str, Any]) -> NativeFacts:
         # The same module twice (a dump listing it twice) is one row: the first one's.
         rows.setdefault(key, (*key, None if entry[2] is None else clean(entry[2])))
     modules, frames = _json_list(facts, "modules"), _json_list(facts, "frames")
-    return NativeFacts(modules, frames, tuple(rows.values()))
+    checked = facts.get("symbols_checked_at")
+    checked_at = checked if isinstance(checked, int) and 0 <= checked < 2**62 else 0
+    return NativeFacts(modules, frames, tuple(rows.values()), checked_at)
 
 
 def module_keys(modules: list[dict[str, Any]]) -> list[Key]:

@@ -362,6 +362,9 @@ class PostgresStorage(PostgresWriter):
             return 0
         return await self.run_job(partial(symbols.put_files, files=files))
 
+    async def requeue_late_symbols(self) -> int:
+        return await self.run_job(symbols.requeue_late)
+
     async def set_issue_status(
         self, issue_id: int, change: StatusChange, now_ms: int
     ) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import asyncpg
 
 from reporting_endpoint.native.records import MissingSymbols, SymbolFile
 from reporting_endpoint.storage.native_rows import (
+    ARRIVAL_SLACK_MS,
     SYMBOL_COLUMNS,
     Key,
     MissingRow,
@@ -55,7 +56,12 @@ async def put_files(connection: asyncpg.Connection, files: Sequence[SymbolFile])
     rows = {clean_key((f.debug_file, f.debug_id)): symbol_values(f) for f in files}
     if not rows:
         return 0
-    await connection.executemany(_UPSERT, [rows[key] for key in sorted(rows)])
+    # Stamped with the server's clock at this statement, just before the commit (not when the
+    # upload began): crashes compare it with when their processor looked (``replace_missing``).
+    now_ms = await connection.fetchval(
+        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+    )
+    await connection.executemany(_UPSERT, [(*rows[key][:-1], int(now_ms)) for key in sorted(rows)])
     files_, ids = _arrays(sorted(rows))
     crashes = [
         str(record[0])
@@ -86,45 +92,66 @@ async def put_files(connection: asyncpg.Connection, files: Sequence[SymbolFile])
 
 
 async def replace_missing(
-    connection: asyncpg.Connection, crash_id: str, missing: Sequence[MissingRow]
+    connection: asyncpg.Connection,
+    crash_id: str,
+    missing: Sequence[MissingRow],
+    checked_at: int = 0,
 ) -> None:
-    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys).
-
-    Symbols for one of them committed while the crash was being processed found no row to
-    re-queue: the crash goes back now instead (an upload committing in the same instant as
-    this transaction can still miss it; a later upload of that module re-queues it).
-    """
+    """As the SQLite backend's ``replace_missing``. An upload committing in the same instant
+    as this transaction is not seen here, nor this row by it: ``requeue_late``, run by the
+    processors every minute, catches that crossing."""
     await connection.execute("DELETE FROM crash_modules WHERE crash_id = $1", crash_id)
     if not missing:
         return
     await connection.execute(
-        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file)"
-        " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])",
+        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, checked_at)"
+        " SELECT $1, k.*, $5 FROM unnest($2::text[], $3::text[], $4::text[]) AS k",
         crash_id,
         [row[0] for row in missing],
         [row[1] for row in missing],
         [row[2] for row in missing],
+        checked_at,
     )
-    files_, ids = _arrays([(row[0], row[1]) for row in missing])
     arrived = await connection.fetchval(
-        f"SELECT EXISTS (SELECT 1 FROM symbol_files AS s JOIN {_KEYS}"
-        " ON s.debug_file = k.debug_file AND s.debug_id = k.debug_id)",
-        files_,
-        ids,
+        "SELECT EXISTS (SELECT 1 FROM crash_modules AS m JOIN symbol_files AS s"
+        " ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
+        " WHERE m.crash_id = $1 AND s.uploaded_at >= m.checked_at - $2)",
+        crash_id,
+        ARRIVAL_SLACK_MS,
     )
     if arrived:
-        await connection.execute(
-            "UPDATE crashes SET parse_status = 'pending', claimed_by = NULL, lease_until = NULL"
-            " WHERE id = $1",
+        await requeue_late(connection, crash_id)
+
+
+async def requeue_late(connection: asyncpg.Connection, crash_id: str | None = None) -> int:
+    """As the SQLite backend's ``requeue_late``; crash rows locked in id order first, as
+    ``put_files`` and ``record_facts`` take them."""
+    crashes = [
+        str(record[0])
+        for record in await connection.fetch(
+            "SELECT id FROM crashes WHERE id IN (SELECT m.crash_id FROM crash_modules AS m"
+            " JOIN symbol_files AS s ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
+            " WHERE s.uploaded_at >= m.checked_at - $1 AND ($2::text IS NULL OR m.crash_id = $2)"
+            ' LIMIT 1000) ORDER BY id COLLATE "C" FOR UPDATE',
+            ARRIVAL_SLACK_MS,
             crash_id,
         )
-        await connection.execute(
-            f"DELETE FROM crash_modules AS m USING {_KEYS} WHERE m.crash_id = $3"
-            " AND m.debug_file = k.debug_file AND m.debug_id = k.debug_id",
-            files_,
-            ids,
-            crash_id,
-        )
+    ]
+    if not crashes:
+        return 0
+    await connection.execute(
+        "UPDATE crashes SET parse_status = 'pending', attempts = 0, claimed_by = NULL,"
+        " lease_until = NULL WHERE id = ANY($1::text[])",
+        crashes,
+    )
+    await connection.execute(
+        "DELETE FROM crash_modules AS m USING symbol_files AS s"
+        " WHERE m.crash_id = ANY($1::text[]) AND s.debug_file = m.debug_file"
+        " AND s.debug_id = m.debug_id AND s.uploaded_at >= m.checked_at - $2",
+        crashes,
+        ARRIVAL_SLACK_MS,
+    )
+    return len(crashes)
 
 
 # --- reads ----------------------------------------------------------------------------------
@@ -182,13 +209,18 @@ async def list_files(pool: PgPool, limit: int, after: tuple[str, str] | None) ->
 
 
 async def missing(pool: PgPool, limit: int) -> list[MissingSymbols]:
-    """Modules crashes missed symbols for and that still have none, most crashes first."""
+    """Modules crashes missed symbols for and that still have none stored since their
+    processor looked, most crashes first. A module whose symbols were stored before that look
+    and could not be used (a file the loader refused, a blob gone) stays listed: uploading it
+    again is what helps."""
     rows = await pool.fetch(
         "SELECT m.debug_file, m.debug_id, max(m.code_file), count(*) AS n, max(c.received_at)"
         " FROM crash_modules AS m JOIN crashes AS c ON c.id = m.crash_id"
         " WHERE NOT EXISTS (SELECT FROM symbol_files AS s"
-        " WHERE s.debug_file = m.debug_file AND s.debug_id = m.debug_id)"
+        " WHERE s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
+        " AND s.uploaded_at >= m.checked_at - $2)"
         " GROUP BY m.debug_file, m.debug_id ORDER BY n DESC, m.debug_file, m.debug_id LIMIT $1",
         max(0, limit),
+        ARRIVAL_SLACK_MS,
     )
     return [missing_from_row(tuple(row)) for row in rows]

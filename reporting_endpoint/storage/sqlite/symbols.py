@@ -8,6 +8,7 @@ reads run on the read-only aiosqlite connection. Keys travel as one JSON list bo
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 
 import aiosqlite
@@ -15,6 +16,7 @@ import orjson
 
 from reporting_endpoint.native.records import MissingSymbols, SymbolFile
 from reporting_endpoint.storage.native_rows import (
+    ARRIVAL_SLACK_MS,
     SYMBOL_COLUMNS,
     Key,
     MissingRow,
@@ -53,7 +55,10 @@ def put_files(connection: sqlite3.Connection, files: Sequence[SymbolFile]) -> in
 
     A crash leased to a processor goes back too: its lease is cleared, so that processor's
     result (made without these symbols) is refused by the owner check of ``record_facts``."""
-    rows = {clean_key((f.debug_file, f.debug_id)): symbol_values(f) for f in files}
+    # Stamped here, in the writer, just before the commit (not when the upload began): crashes
+    # compare it with when their processor looked for symbols (``replace_missing``).
+    now_ms = int(time.time() * 1000)
+    rows = {clean_key((f.debug_file, f.debug_id)): (*symbol_values(f)[:-1], now_ms) for f in files}
     if not rows:
         return 0
     connection.executemany(_UPSERT, list(rows.values()))
@@ -71,35 +76,62 @@ def put_files(connection: sqlite3.Connection, files: Sequence[SymbolFile]) -> in
 
 
 def replace_missing(
-    connection: sqlite3.Connection, crash_id: str, missing: Sequence[MissingRow]
+    connection: sqlite3.Connection,
+    crash_id: str,
+    missing: Sequence[MissingRow],
+    checked_at: int = 0,
 ) -> None:
-    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys).
+    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys), stamped with
+    when its processor looked for their symbols (``checked_at``, ms).
 
-    Symbols for one of them stored while the crash was being processed (after its processor
-    looked, before this commit) found no row to re-queue: the crash goes back now instead.
+    Symbols for one of them stored after that look (they found no row to re-queue) send the
+    crash back now. Symbols stored before it are not a reason: the processor had them and could
+    not use them (a blob gone, a file its loader refused); re-queueing would go round for ever.
     """
     connection.execute("DELETE FROM crash_modules WHERE crash_id = ?", (crash_id,))
     if not missing:
         return
     connection.executemany(
-        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file) VALUES (?,?,?,?)",
-        [(crash_id, *row) for row in missing],
+        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, checked_at)"
+        " VALUES (?,?,?,?,?)",
+        [(crash_id, *row, checked_at) for row in missing],
     )
-    keys = _key_list([(row[0], row[1]) for row in missing])
     arrived = connection.execute(
-        f"SELECT 1 FROM symbol_files WHERE (debug_file, debug_id) IN ({_KEYS}) LIMIT 1", (keys,)
+        "SELECT 1 FROM crash_modules AS m JOIN symbol_files AS s"
+        " ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
+        " WHERE m.crash_id = ? AND s.uploaded_at >= m.checked_at - ? LIMIT 1",
+        (crash_id, ARRIVAL_SLACK_MS),
     ).fetchone()
     if arrived is not None:
-        connection.execute(
-            "UPDATE crashes SET parse_status = 'pending', claimed_by = NULL, lease_until = NULL"
-            " WHERE id = ?",
-            (crash_id,),
-        )
-        connection.execute(
-            "DELETE FROM crash_modules WHERE crash_id = ?2"
-            f" AND (debug_file, debug_id) IN ({_KEYS})",
-            (keys, crash_id),
-        )
+        requeue_late(connection, crash_id)
+
+
+def requeue_late(connection: sqlite3.Connection, crash_id: str | None = None) -> int:
+    """Crashes (one, or all when ``crash_id`` is None, at most 1,000) that miss symbols stored
+    after their processor looked: back to processing, those rows gone. An upload and a result
+    that crossed (each committed without seeing the other) are caught here."""
+    found = connection.execute(
+        "SELECT DISTINCT m.crash_id FROM crash_modules AS m JOIN symbol_files AS s"
+        " ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
+        " WHERE s.uploaded_at >= m.checked_at - ?1 AND (?2 IS NULL OR m.crash_id = ?2)"
+        " LIMIT 1000",
+        (ARRIVAL_SLACK_MS, crash_id),
+    ).fetchall()
+    ids = orjson.dumps([row[0] for row in found]).decode()
+    if not found:
+        return 0
+    connection.execute(
+        "UPDATE crashes SET parse_status = 'pending', attempts = 0, claimed_by = NULL,"
+        " lease_until = NULL WHERE id IN (SELECT value FROM json_each(?))",
+        (ids,),
+    )
+    connection.execute(
+        "DELETE FROM crash_modules AS m WHERE m.crash_id IN (SELECT value FROM json_each(?1))"
+        " AND EXISTS (SELECT 1 FROM symbol_files AS s WHERE s.debug_file = m.debug_file"
+        " AND s.debug_id = m.debug_id AND s.uploaded_at >= m.checked_at - ?2)",
+        (ids, ARRIVAL_SLACK_MS),
+    )
+    return len(found)
 
 
 # --- reads ----------------------------------------------------------------------------------
@@ -156,13 +188,17 @@ async def list_files(
 
 
 async def missing(connection: aiosqlite.Connection, limit: int) -> list[MissingSymbols]:
-    """Modules crashes missed symbols for and that still have none, most crashes first."""
+    """Modules crashes missed symbols for and that still have none stored since their
+    processor looked, most crashes first. A module whose symbols were stored before that look
+    and could not be used (a file the loader refused, a blob gone) stays listed: uploading it
+    again is what helps."""
     rows = await connection.execute_fetchall(
         "SELECT m.debug_file, m.debug_id, max(m.code_file), count(*) AS n, max(c.received_at)"
         " FROM crash_modules AS m JOIN crashes AS c ON c.id = m.crash_id"
         " WHERE NOT EXISTS (SELECT 1 FROM symbol_files AS s"
-        " WHERE s.debug_file = m.debug_file AND s.debug_id = m.debug_id)"
+        " WHERE s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
+        " AND s.uploaded_at >= m.checked_at - ?)"
         " GROUP BY m.debug_file, m.debug_id ORDER BY n DESC, m.debug_file, m.debug_id LIMIT ?",
-        (max(0, limit),),
+        (ARRIVAL_SLACK_MS, max(0, limit)),
     )
     return [missing_from_row(tuple(row)) for row in rows]

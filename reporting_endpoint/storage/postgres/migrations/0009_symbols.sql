@@ -36,6 +36,7 @@ CREATE TABLE crash_modules (
     debug_file text COLLATE "C" NOT NULL,
     debug_id   text COLLATE "C" NOT NULL,
     code_file  text COLLATE "C",
+    checked_at bigint NOT NULL DEFAULT 0,  -- ms: when the processor looked for its symbols
     PRIMARY KEY (crash_id, debug_file, debug_id)
 );
 
