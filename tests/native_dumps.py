@@ -120,3 +120,37 @@ class SynthDump:
 
 def words(values: Sequence[int], width: int = 8) -> bytes:
     return struct.pack(f"<{len(values)}{'Q' if width == 8 else 'I'}", *values)
+
+
+class RawDump:
+    """A dump laid out by hand, for hostile files: blobs go where ``place`` puts them, so
+    records may share (or overlap) the bytes they point at, which ``SynthDump`` never does."""
+
+    def __init__(self) -> None:
+        self.body = bytearray(32)  # the header, written by ``build``
+        self.streams: list[tuple[int, int, int]] = []
+
+    def place(self, data: bytes) -> int:
+        offset = len(self.body)
+        self.body.extend(data)
+        self.body.extend(b"\0" * (-len(self.body) % 8))
+        return offset
+
+    def stream(self, kind: int, data: bytes) -> int:
+        offset = self.place(data)
+        self.streams.append((kind, len(data), offset))
+        return offset
+
+    def build(self) -> bytes:
+        directory = self.place(b"".join(struct.pack("<III", *entry) for entry in self.streams))
+        struct.pack_into(
+            "<IIIIIIQ", self.body, 0, 0x504D444D, 0xA793, len(self.streams), directory, 0, 0, 0
+        )
+        return bytes(self.body)
+
+
+def system_info(cpu: str, os: str) -> bytes:
+    """A MINIDUMP_SYSTEM_INFO stream (kind 7) for ``cpu`` on ``os``."""
+    return struct.pack(
+        "<HHHBBIIIII", ARCH_CODES[cpu], 0, 0, 1, 0, 0, 0, 0, PLATFORM_CODES[os], 0
+    ) + bytes(24)

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import pickle
 import struct
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from reporting_endpoint.native.dumpfile import DumpFormatError, parse_dump, read_dump
-from tests.native_dumps import SynthDump, SynthModule, SynthThread, amd64_context, arm64_context
+from reporting_endpoint.native.dumpfile import (
+    MAX_MODULES,
+    MAX_NAME_BYTES,
+    MAX_STREAMS,
+    MAX_TEXT_CHARS,
+    MAX_THREADS,
+    DumpFormatError,
+    parse_dump,
+    read_dump,
+)
+from tests.native_dumps import (
+    RawDump,
+    SynthDump,
+    SynthModule,
+    SynthThread,
+    amd64_context,
+    arm64_context,
+    system_info,
+)
 
 DUMPS = Path(__file__).parent / "fixtures" / "minidumps"
 SYMBOLS = DUMPS / "symbols"
@@ -239,3 +258,141 @@ def test_synthetic_dump_round_trip() -> None:
     assert dump.modules[0].debug_id == "DDCCBBAABBAADDCCAABBCCDDAABBCCDD0"
     assert dump.read(0x9008, 4) == b"xxxx"
     assert dump.crashing_thread_id == 9
+
+
+def _module_entry(base: int, stamp: int, name_rva: int, cv_size: int, cv_rva: int) -> bytes:
+    fields = (base, 0x1000, 0, stamp, name_rva, *([0] * 13), cv_size, cv_rva)
+    return struct.pack("<QIIII13III16x", *fields) + bytes(8)
+
+
+def _hostile_modules(layout: str) -> bytes:
+    """MAX_MODULES modules whose names (and CodeView records) are as long as allowed, all
+    pointing at one copy of them, or (``overlapping``) each at its own offset of one stretch."""
+    raw = RawDump()
+    raw.stream(7, system_info("amd64", "Linux" if layout == "elf" else "Windows"))
+    encoded = ("/" + "n" * (MAX_NAME_BYTES // 2 - 1)).encode("utf-16-le")
+    name_rvas = [raw.place(struct.pack("<I", len(encoded)) + encoded + bytes(2))] * MAX_MODULES
+    cv = b""
+    if layout == "pdb":
+        cv = b"RSDS" + bytes(range(1, 17)) + struct.pack("<I", 1) + b"p" * MAX_NAME_BYTES + b"\0"
+    elif layout == "elf":
+        cv = b"LEpB" + bytes(range(256)) * (MAX_NAME_BYTES // 256)
+    elif layout == "overlapping":
+        # Read at any multiple of 4, the stretch is a name length of 32-60 KiB; no two of
+        # the names it holds are alike.
+        words = range(MAX_MODULES + MAX_NAME_BYTES // 4)
+        stretch = raw.place(b"".join(struct.pack("<I", 0x8000 + i % 0x7000) for i in words))
+        name_rvas = [stretch + 4 * i for i in range(MAX_MODULES)]
+    cv_rva = raw.place(cv) if cv else 0
+    entries = b"".join(
+        _module_entry((i + 1) << 20, i, name_rva, len(cv), cv_rva)
+        for i, name_rva in enumerate(name_rvas)
+    )
+    raw.stream(4, struct.pack("<I", MAX_MODULES) + entries)
+    return raw.build()
+
+
+@pytest.mark.parametrize("layout", ["plain", "pdb", "elf", "overlapping"])
+def test_modules_sharing_one_huge_name_cost_little(layout: str) -> None:
+    """A 1 MB dump of 8,192 modules naming one 64 KiB string took 16 s, 3.2 GB, and pickled
+    to 1.3 GB: names and ids are cut to MAX_TEXT_CHARS, and each name decoded once."""
+    data = _hostile_modules(layout)
+    assert len(data) < 1_200_000
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        dump = parse_dump(data)
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    shipped = len(pickle.dumps([m.as_dict() for m in dump.modules]))  # what a processor sends
+    texts = [
+        text
+        for m in dump.modules
+        for text in (m.code_file, m.debug_file, m.code_id)
+        if text is not None
+    ]
+    assert len(dump.modules) == MAX_MODULES  # the modules are kept, their names cut
+    assert all(len(text) <= MAX_TEXT_CHARS for text in texts)
+    assert len(dump.modules[0].code_file) == MAX_TEXT_CHARS
+    if layout != "overlapping":
+        assert dump.modules[0].code_file.startswith("/nnn")
+        # One string shared by all modules, not a copy each.
+        assert len({id(text) for m in dump.modules for text in (m.code_file, m.debug_file)}) <= 2
+    if layout == "pdb":
+        assert dump.modules[0].debug_file == "p" * MAX_TEXT_CHARS
+        assert dump.modules[0].debug_id == "0403020106050807090A0B0C0D0E0F101"
+    if layout == "elf":
+        assert dump.modules[0].code_id == (bytes(range(256)) * 2).hex()
+    assert elapsed < 2.0
+    # Distinct names cost at most MAX_TEXT_CHARS each: 8,192 of them are 16 MB as UCS-2.
+    assert peak < (40 if layout == "overlapping" else 8) * 1024 * 1024
+    assert shipped < (20 if layout == "overlapping" else 2) * 1024 * 1024
+
+
+def _memory_entries(ranges: list[tuple[int, int, int]]) -> bytes:
+    return struct.pack("<I", len(ranges)) + b"".join(struct.pack("<QII", *r) for r in ranges)
+
+
+def test_many_memory_ranges_over_most_of_the_file_are_not_copied() -> None:
+    """Each range was sliced out of the file to check its bounds: 65,536 ranges over 2 MB
+    copied 128 GB. The check compares numbers; reads copy only the bytes asked for."""
+    raw = RawDump()
+    raw.stream(7, system_info("amd64", "Linux"))
+    filler = bytes(range(256)) * (8 * 1024)  # 2 MiB
+    filler_rva = raw.place(filler)
+    count = 1 << 16
+    size = len(filler) - 8
+    raw.stream(5, _memory_entries([((i + 1) << 32, size, filler_rva + 8) for i in range(count)]))
+    data = raw.build()
+    assert size > len(data) // 2
+    started = time.perf_counter()
+    dump = parse_dump(data)
+    assert dump.read((7 << 32) + 100, 4) == filler[108:112]
+    assert dump.read_range(dump.memory[9], (10 << 32) + size - 4, 4) == filler[size + 4 :]
+    assert dump.read((7 << 32) + size - 2, 4) is None  # straddles the end of the range
+    assert time.perf_counter() - started < 2.0
+    assert len(dump.memory) == count
+
+
+def test_many_streams_over_most_of_the_file_are_not_copied() -> None:
+    raw = RawDump()
+    raw.stream(7, system_info("amd64", "Linux"))
+    raw.place(bytes(16 << 20))
+    data = raw.build()
+    raw.streams += [(0x10000 + i, len(data) - 64, 32) for i in range(MAX_STREAMS - 2)]
+    data = raw.build()
+    started = time.perf_counter()
+    dump = parse_dump(data)
+    assert time.perf_counter() - started < 2.0
+    assert dump.cpu == "amd64"
+
+
+def test_threads_whose_stacks_and_contexts_share_one_huge_range_are_not_copied() -> None:
+    """MAX_THREADS threads, each declaring most of the file as its stack and its context."""
+    raw = RawDump()
+    raw.stream(7, system_info("amd64", "Linux"))
+    stack_base = 0x7F0000000000
+    context = amd64_context({"rip": 0x401000, "rsp": stack_base + 0x100, "rbp": 7})
+    stretch = context + bytes(range(256)) * (16 * 1024)  # 4 MiB after the context
+    rva = raw.place(stretch)
+    thread = struct.pack("<IIIIQQIIII", 0, 0, 0, 0, 0, stack_base, len(stretch), rva, 0, rva)
+    entries = b"".join(
+        struct.pack("<I", i + 1) + thread[4:-8] + struct.pack("<II", len(stretch), rva)
+        for i in range(MAX_THREADS)
+    )
+    raw.stream(3, struct.pack("<I", MAX_THREADS) + entries)
+    data = raw.build()
+    assert len(stretch) > len(data) // 2
+    started = time.perf_counter()
+    dump = parse_dump(data)
+    assert time.perf_counter() - started < 2.0
+    assert len(dump.threads) == MAX_THREADS
+    last = dump.threads[-1]
+    assert last.thread_id == MAX_THREADS and last.stack is not None and last.context is not None
+    assert last.context.stack_pointer == stack_base + 0x100
+    assert last.context.registers["rbp"] == 7
+    word = dump.read_range(last.stack, stack_base + len(stretch) - 8, 8)
+    assert word == stretch[-8:]
+    assert dump.read_range(last.stack, stack_base + len(stretch) - 4, 8) is None

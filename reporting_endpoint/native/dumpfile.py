@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -22,6 +22,12 @@ MAX_THREADS = 16384
 MAX_MEMORY_RANGES = 1 << 20
 MAX_NAME_BYTES = 64 * 1024
 MAX_CODEVIEW_BYTES = 64 * 1024
+# Text taken from a dump (names, the PDB name, a build id's hex) is cut to this: real paths are
+# far shorter, and a hostile dump's thousands of modules may each name the same 64 KiB string.
+MAX_TEXT_CHARS = 1024
+# A character is at most 4 bytes in UTF-16 and UTF-8, so this many bytes hold the first
+# MAX_TEXT_CHARS of a name: no more is read, so a name costs the same however long it claims.
+MAX_TEXT_BYTES = 4 * MAX_TEXT_CHARS
 
 THREAD_LIST = 3
 MODULE_LIST = 4
@@ -47,10 +53,17 @@ CONTEXT_AMD64_SIZE = 1232
 CONTEXT_X86_SIZE = 716
 CONTEXT_ARM64_SIZE = 912
 CONTEXT_ARM64_OLD_SIZE = 796
+# ``_context`` reads nothing past the largest layout, so no more of a record is sliced out.
+CONTEXT_MAX_BYTES = max(
+    CONTEXT_AMD64_SIZE, CONTEXT_X86_SIZE, CONTEXT_ARM64_SIZE, CONTEXT_ARM64_OLD_SIZE
+)
 
 CV_PDB70 = 0x53445352  # "RSDS"
 CV_PDB20 = 0x3031424E  # "NB10"
 CV_ELF = 0x4270454C  # "BpEL", Breakpad's build-id record
+# The most of a CodeView record read: the PDB70 header and its name's first MAX_TEXT_CHARS
+# (which also covers a build id of MAX_TEXT_CHARS hex digits).
+CODEVIEW_READ_BYTES = 24 + MAX_TEXT_BYTES
 VS_FFI_SIGNATURE = 0xFEEF04BD
 
 AMD64_REGISTERS = (
@@ -215,16 +228,29 @@ class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.size = len(data)
+        # Many modules may name one string: each offset is decoded once, and equal texts
+        # are one object (so the modules also pickle once per text, not once per module).
+        self.names: dict[int, str] = {}
+        self.texts: dict[str, str] = {}
 
     def unpack(self, fmt: struct.Struct, offset: int, what: str) -> tuple[Any, ...]:
         if offset < 0 or offset + fmt.size > self.size:
             raise DumpFormatError(f"{what} at {offset:#x} runs past the end of the file")
         return fmt.unpack_from(self.data, offset)
 
-    def span(self, offset: int, size: int, what: str) -> bytes:
+    def check(self, offset: int, size: int, what: str) -> None:
+        # Numbers only: slicing to check would copy every stream, range and stack in full,
+        # and many records may declare the same huge stretch of the file.
         if offset < 0 or size < 0 or offset + size > self.size:
             raise DumpFormatError(f"{what} ({size} bytes at {offset:#x}) is outside the file")
-        return self.data[offset : offset + size]
+
+    def span(self, offset: int, size: int, what: str, read: int) -> bytes:
+        """The first ``read`` bytes of a record of ``size`` bytes, once all of it is in bounds."""
+        self.check(offset, size, what)
+        return self.data[offset : offset + min(size, read)]
+
+    def intern(self, text: str | None) -> str | None:
+        return None if text is None else self.texts.setdefault(text, text)
 
     def dump(self) -> Dump:
         signature, _version, count, directory = self.unpack(_HEADER, 0, "header")
@@ -232,11 +258,11 @@ class _Reader:
             raise DumpFormatError("not a minidump (no MDMP signature)")
         if count > MAX_STREAMS:
             raise DumpFormatError(f"{count} streams declared, more than {MAX_STREAMS}")
-        self.span(directory, count * _DIRECTORY.size, "stream directory")
+        self.check(directory, count * _DIRECTORY.size, "stream directory")
         streams: dict[int, tuple[int, int]] = {}
         for i in range(count):
             kind, size, rva = _DIRECTORY.unpack_from(self.data, directory + i * _DIRECTORY.size)
-            self.span(rva, size, f"stream {kind}")
+            self.check(rva, size, f"stream {kind}")
             # A writer that repeats a stream means the first one, as Breakpad reads it.
             streams.setdefault(kind, (rva, size))
 
@@ -282,11 +308,15 @@ class _Reader:
         raise DumpFormatError(f"{count} {what} entries do not fit the {size}-byte stream")
 
     def string(self, rva: int) -> str:
+        if rva in self.names:
+            return self.names[rva]
         (length,) = self.unpack(struct.Struct("<I"), rva, "string length")
         if length > MAX_NAME_BYTES:
             raise DumpFormatError(f"string of {length} bytes at {rva:#x}")
-        raw = self.span(rva + 4, length & ~1, "string")
-        return raw.decode("utf-16-le", errors="replace")
+        raw = self.span(rva + 4, length & ~1, "string", MAX_TEXT_BYTES)
+        text = raw.decode("utf-16-le", errors="replace")[:MAX_TEXT_CHARS]
+        self.names[rva] = text = self.texts.setdefault(text, text)
+        return text
 
     def modules(self, stream: tuple[int, int] | None, os: str | None) -> tuple[Module, ...]:
         if stream is None:
@@ -301,8 +331,10 @@ class _Reader:
             version = fields[5:18]
             cv_size, cv_rva = struct.unpack("<II", fields[18])
             code_file = self.string(name_rva)
-            cv = self.span(cv_rva, min(cv_size, MAX_CODEVIEW_BYTES), "CodeView record")
-            modules.append(_module(base, size, stamp, code_file, cv, version, os))
+            cv_size = min(cv_size, MAX_CODEVIEW_BYTES)
+            cv = self.span(cv_rva, cv_size, "CodeView record", CODEVIEW_READ_BYTES)
+            module = _module(base, size, stamp, code_file, cv, version, os, self.intern)
+            modules.append(module)
         modules.sort(key=lambda m: m.base)
         return tuple(modules)
 
@@ -315,7 +347,7 @@ class _Reader:
             (count,) = struct.unpack_from("<I", self.data, listed[0])
             for i in range(count):
                 base, size, rva = _MEMORY.unpack_from(self.data, start + i * _MEMORY.size)
-                self.span(rva, size, "memory range")
+                self.check(rva, size, "memory range")
                 ranges.append(MemoryRange(base, size, rva))
         if listed64 is not None:
             rva, size = listed64
@@ -326,7 +358,7 @@ class _Reader:
             offset = data_rva
             for i in range(count):
                 base, length = _MEMORY64.unpack_from(self.data, rva + 16 + i * _MEMORY64.size)
-                self.span(offset, length, "Memory64List range")
+                self.check(offset, length, "Memory64List range")
                 ranges.append(MemoryRange(base, length, offset))
                 offset += length
         ranges.sort(key=lambda r: (r.base, -r.size))
@@ -342,8 +374,7 @@ class _Reader:
     def context(self, rva: int, size: int, cpu: str | None) -> Context | None:
         if size == 0:
             return None
-        raw = self.span(rva, size, "thread context")
-        return _context(raw, cpu)
+        return _context(self.span(rva, size, "thread context", CONTEXT_MAX_BYTES), cpu)
 
     def threads(
         self, stream: tuple[int, int] | None, cpu: str | None, memory: tuple[MemoryRange, ...]
@@ -361,7 +392,7 @@ class _Reader:
             context = self.context(ctx_rva, ctx_size, cpu)
             stack: MemoryRange | None = None
             if stack_size and stack_rva:
-                self.span(stack_rva, stack_size, "thread stack")
+                self.check(stack_rva, stack_size, "thread stack")
                 stack = MemoryRange(stack_start, stack_size, stack_rva)
             elif context is not None:
                 # Full-memory dumps leave the descriptor empty: the stack is in Memory64List.
@@ -394,6 +425,11 @@ def _basename(path: str) -> str:
     return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
+def _text(raw: bytes) -> str:
+    """A NUL-terminated UTF-8 name of a CodeView record, cut to MAX_TEXT_CHARS."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")[:MAX_TEXT_CHARS]
+
+
 def _module(
     base: int,
     size: int,
@@ -402,6 +438,7 @@ def _module(
     cv: bytes,
     version: tuple[int, ...],
     os: str | None,
+    intern: Callable[[str | None], str | None],
 ) -> Module:
     code_id: str | None = None
     debug_file: str | None = None
@@ -410,7 +447,7 @@ def _module(
     if signature == CV_PDB70 and len(cv) >= 24:
         guid = cv[4:20]
         (age,) = struct.unpack_from("<I", cv, 20)
-        name = cv[24:].split(b"\0", 1)[0].decode("utf-8", errors="replace")
+        name = _text(cv[24:])
         if any(guid):
             debug_id = f"{_guid(guid)}{age:X}"
         if os in ("macOS", "iOS"):
@@ -425,10 +462,10 @@ def _module(
     elif signature == CV_PDB20 and len(cv) >= 16:
         pdb_signature, age = struct.unpack_from("<II", cv, 8)
         debug_id = f"{pdb_signature:08X}{age:x}".upper()
-        debug_file = _basename(cv[16:].split(b"\0", 1)[0].decode("utf-8", "replace")) or None
+        debug_file = _basename(_text(cv[16:])) or None
         code_id = f"{stamp:08X}{size:x}"
     elif signature == CV_ELF:
-        build_id = cv[4:]
+        build_id = cv[4 : 4 + MAX_TEXT_CHARS // 2]  # longer is junk; its hex would be too
         if any(build_id):
             code_id = build_id.hex()
             debug_id = _guid(build_id[:16].ljust(16, b"\0")) + "0"
@@ -439,9 +476,9 @@ def _module(
         base=base,
         size=size,
         code_file=code_file,
-        code_id=code_id,
-        debug_file=debug_file,
-        debug_id=debug_id,
+        code_id=intern(code_id),
+        debug_file=intern(debug_file),
+        debug_id=intern(debug_id),
         version=_version(version, os),
     )
 
