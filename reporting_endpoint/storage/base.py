@@ -421,7 +421,8 @@ class Storage(AlertStore, Protocol):
         and in the same transaction send every crash that missed symbols for one of those keys
         back to processing (pending, attempts 0, no lease: a processor holding one has its
         result refused by the owner check) with those keys taken off its missing list.
-        Answers how many crashes went back."""
+        ``uploaded_at`` is stamped with the storage's own clock at the commit (crashes compare
+        it with when their processor looked). Answers how many crashes went back."""
         ...
 
     async def requeue_late_symbols(self) -> int:
