@@ -182,3 +182,36 @@ def test_hostile_symbol_uploads_are_refused_with_their_code_and_nothing_is_store
     assert (answer.status_code, answer.json()["error"]["code"]) == (400, code)
     assert time.monotonic() - started < 20
     assert client.get("/api/symbols", headers=READ).json()["symbols"] == []
+
+
+PAYLOAD = '<img src=x onerror="window.pwned=1">'
+
+
+def test_module_names_from_a_dump_are_shown_escaped_on_the_dashboard(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Module paths come from the uploader's dump: the crash page shows them as text."""
+    from tests.dashboard_session import dashboard_client, dashboard_settings, login
+    from tests.native_dumps import SynthDump, SynthModule, SynthThread, amd64_context, words
+
+    base, sp = 0x5555_0000_0000, 0x7FFF_0000_0000
+    dump = SynthDump(
+        "amd64",
+        modules=[SynthModule(base, 0x10000, f"/opt/{PAYLOAD}/app", bytes(range(1, 21)))],
+        threads=[
+            SynthThread(3, amd64_context({"rip": base + 0x1234, "rsp": sp}), sp, words([0] * 8))
+        ],
+        exception_thread=3,
+    ).build()
+    settings = dashboard_settings(database_url, tmp_path, processors=1)
+    with dashboard_client(settings) as client:
+        crash_id = upload_crash(client, dump)
+        crash = processed(client, crash_id)
+        assert crash["frames"][0]["module"] == f"{PAYLOAD}/app".rsplit("/", 1)[-1]
+        assert any(PAYLOAD in m["code_file"] for m in crash["modules"])
+        assert login(client).status_code == 303
+        page = client.get(f"/dashboard/crashes/{crash_id}")
+    assert page.status_code == 200
+    assert "onerror=" not in page.text.replace("onerror=&#34;", "")
+    assert "&lt;img src=x onerror=&#34;window.pwned=1&#34;&gt;" in page.text
+    assert "context" in page.text
