@@ -215,3 +215,48 @@ def test_module_names_from_a_dump_are_shown_escaped_on_the_dashboard(
     assert "onerror=" not in page.text.replace("onerror=&#34;", "")
     assert "&lt;img src=x onerror=&#34;window.pwned=1&#34;&gt;" in page.text
     assert "context" in page.text
+
+
+def test_symbols_the_store_lacks_are_fetched_from_an_upstream_server(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A processor asks the configured symbol server for the modules the walk needed, walks
+    again with what came, and the next crash of that build is served from the local cache."""
+    from tests.test_symbol_upstream import Answer, SymbolServer
+
+    # With a database server the cache lives in the working directory's data folder.
+    monkeypatch.chdir(tmp_path)
+
+    upstream = SymbolServer().start()
+    try:
+        for path in (APP, KERNEL):
+            key = tuple(path.relative_to(SYMBOLS).parts)
+            upstream.answers["/" + "/".join(key)] = Answer(200, path.read_bytes())
+        settings = Settings(
+            database=database_url,
+            db=tmp_path / "unused.sqlite3",
+            blob_store=str(tmp_path / "blobs"),
+            read_token="read-secret",
+            write_token="write-secret",
+            processors=1,
+            symbol_servers=(upstream.url,),
+        )
+        dump = (MINIDUMPS / "win-x86_breakpad_minidump2.dmp").read_bytes()
+        with TestClient(create_app(settings)) as client:
+            first = processed(client, upload_crash(client, dump))
+            asked = dict(upstream.hits)
+            second = processed(client, upload_crash(client, dump))
+            # Fetched symbols are a cache, not an upload: the store lists none.
+            listed = client.get("/api/symbols", headers=READ).json()["symbols"]
+    finally:
+        upstream.stop()
+    assert listed == []
+    expected = breakpad_frames(EXPECTED.read_text())
+    for crash in (first, second):
+        assert [as_breakpad(frame) for frame in crash["frames"]] == expected
+        assert crash["signature"] == "`anonymous namespace'::CrashFunction"
+    # Each module once, for the first crash; the second came from the cache (hits unchanged
+    # for the found ones; modules no server has are remembered as misses).
+    app_path = "/test_app.pdb/5A9832E5287241C1838ED98914E9B7FF1/test_app.sym"
+    assert asked[app_path] == 1 and upstream.hits[app_path] == 1
+    assert upstream.hits == asked
