@@ -35,6 +35,7 @@ from reporting_endpoint.records import IssueKey, NewCrash
 from reporting_endpoint.storage.base import PendingCrash, Storage, StorageError
 
 if TYPE_CHECKING:
+    from reporting_endpoint.native.blob_cache import SymbolBlobCache
     from reporting_endpoint.native.upstream import UpstreamSymbols
 
 log = logging.getLogger("reporting_endpoint.analysis")
@@ -72,10 +73,11 @@ class DumpAnalyzer:
         rules: RuleSet | None = None,
         options: ProcessingOptions | None = None,
         upstream: UpstreamSymbols | None = None,
+        symbol_cache: SymbolBlobCache | None = None,
     ) -> None:
         self.storage = storage
         self.blobs = blobs
-        self.symbols = SymbolFinder(storage, blobs, upstream)
+        self.symbols = SymbolFinder(storage, blobs, upstream, symbol_cache)
         self.rules = rules if rules is not None else RuleSet()
         self.options = options or ProcessingOptions()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -42,6 +42,7 @@ from reporting_endpoint.middleware import (
     Responder,
     json_rejection,
 )
+from reporting_endpoint.native.blob_cache import symbol_cache_from
 from reporting_endpoint.native.upstream import upstream_from_settings
 from reporting_endpoint.reports import ReportsEndpoint
 from reporting_endpoint.retention import retention_loop
@@ -199,7 +200,12 @@ def create_app(
     alert_config: AlertConfig = settings.alert_config()
     alerts = AlertService(storage, alert_config, settings.public_url)
     analyzer = DumpAnalyzer(
-        storage, blobs, rules, settings.processing_options(), upstream_from_settings(settings)
+        storage,
+        blobs,
+        rules,
+        settings.processing_options(),
+        upstream_from_settings(settings),
+        symbol_cache_from(settings, blobs),
     )
     analyzer.on_outcome = crash_parsed
     # Async callbacks /metrics awaits before it renders, to set gauges from a storage read;

@@ -11,6 +11,7 @@ import signal
 
 from reporting_endpoint.analysis import DumpAnalyzer
 from reporting_endpoint.blobstores import blob_locks_of, open_blob_store
+from reporting_endpoint.native.blob_cache import symbol_cache_from
 from reporting_endpoint.native.upstream import upstream_from_settings
 from reporting_endpoint.processing import default_processors
 from reporting_endpoint.settings import Settings
@@ -37,6 +38,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         settings.fingerprint_rule_set(),
         options,
         upstream_from_settings(settings),
+        symbol_cache_from(settings, blobs),
     )
     await blobs.start()
     try:

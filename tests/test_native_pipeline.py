@@ -17,6 +17,7 @@ from reporting_endpoint.app import create_app
 from reporting_endpoint.native.dumpfile import read_dump
 from reporting_endpoint.settings import Settings
 from tests.crashpad_client import MINIDUMPS, content_type, dump_upload
+from tests.s3server import S3Server, s3_server  # noqa: F401 (the fixture)
 from tests.test_stackwalk import EXPECTED, breakpad_frames
 
 SYMBOLS = MINIDUMPS / "symbols"
@@ -260,3 +261,39 @@ def test_symbols_the_store_lacks_are_fetched_from_an_upstream_server(
     app_path = "/test_app.pdb/5A9832E5287241C1838ED98914E9B7FF1/test_app.sym"
     assert asked[app_path] == 1 and upstream.hits[app_path] == 1
     assert upstream.hits == asked
+
+
+def test_with_s3_symbol_blobs_are_downloaded_once_and_kept_locally(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    s3_server: S3Server,  # noqa: F811 (the fixture)
+) -> None:
+    """On a bucket each symbol file is downloaded once per host (content addressed, so the copy
+    never goes stale): the second crash symbolicates with the bucket's copies gone."""
+    import uuid
+
+    from reporting_endpoint.blobstores.base import key_for
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(
+        db=tmp_path / "r.sqlite3",
+        blob_store=f"s3://{s3_server.bucket}/symbols/{uuid.uuid4().hex}",
+        read_token="read-secret",
+        write_token="write-secret",
+        processors=1,
+    )
+    dump = (MINIDUMPS / "win-x86_breakpad_minidump2.dmp").read_bytes()
+    expected = breakpad_frames(EXPECTED.read_text())
+    with TestClient(create_app(settings)) as client:
+        stored = upload_symbols(client, APP, KERNEL)["stored"]
+        first = processed(client, upload_crash(client, dump))
+        assert [as_breakpad(frame) for frame in first["frames"]] == expected
+        cached = sorted(path.name for path in (settings.data_dir / "symbol-blobs").iterdir())
+        listed = client.get("/api/symbols", headers=READ).json()["symbols"]
+        assert cached == sorted(s["sym_sha256"] for s in listed) and len(stored) == 2
+        blobs = client.app.state.blobs  # type: ignore[attr-defined]
+        for sha in cached:
+            client.portal.call(blobs.delete, key_for(sha))  # type: ignore[union-attr]
+        second = processed(client, upload_crash(client, dump))
+        assert [as_breakpad(frame) for frame in second["frames"]] == expected

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reporting_endpoint.blobstores import BlobStore
 from reporting_endpoint.blobstores.base import key_for
+from reporting_endpoint.native.blob_cache import SymbolBlobCache
 from reporting_endpoint.native.symbolication import SymbolPaths
 from reporting_endpoint.storage.base import Storage
 
@@ -42,11 +44,22 @@ class SymbolFinder:
     """Local paths of the symbol files of a dump's modules, held while a walk reads them."""
 
     def __init__(
-        self, storage: Storage, blobs: BlobStore, upstream: UpstreamSymbols | None = None
+        self,
+        storage: Storage,
+        blobs: BlobStore,
+        upstream: UpstreamSymbols | None = None,
+        cache: SymbolBlobCache | None = None,
     ) -> None:
         self.storage = storage
         self.blobs = blobs
         self.upstream = upstream
+        # For a bucket: local copies, downloaded once (a folder store is read in place).
+        self.cache = cache
+
+    async def _local(self, stack: contextlib.AsyncExitStack, sha256: str) -> Path:
+        if self.cache is not None:
+            return await self.cache.path(sha256)
+        return await stack.enter_async_context(self.blobs.local_file(key_for(sha256)))
 
     @contextlib.asynccontextmanager
     async def stored(
@@ -60,13 +73,9 @@ class SymbolFinder:
         async with contextlib.AsyncExitStack() as stack:
             for key, record in files.items():
                 try:
-                    sym = await stack.enter_async_context(
-                        self.blobs.local_file(key_for(record.sym_sha256))
-                    )
+                    sym = await self._local(stack, record.sym_sha256)
                     obj = (
-                        await stack.enter_async_context(
-                            self.blobs.local_file(key_for(record.object_sha256))
-                        )
+                        await self._local(stack, record.object_sha256)
                         if record.object_sha256
                         else None
                     )
