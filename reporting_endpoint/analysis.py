@@ -54,13 +54,14 @@ class ProcessingOptions:
     """How a processor works: ``processors`` child processes (0: this process does not
     process, another one does), how many crashes one claim takes at most, how long a claim
     lasts, how many attempts a crash gets, and how often the database is polled for work
-    committed elsewhere."""
+    committed elsewhere, and how long one step on one crash may take."""
 
     processors: int = 1
     batch: int = 8
     lease_seconds: float = 300.0
     max_attempts: int = 3
     poll_seconds: float = 2.0
+    timeout_seconds: float = 120.0
 
 
 class DumpAnalyzer:
@@ -81,7 +82,7 @@ class DumpAnalyzer:
         self.rules = rules if rules is not None else RuleSet()
         self.options = options or ProcessingOptions()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.pool = ProcessorPool(max(1, self.options.processors))
+        self.pool = ProcessorPool(max(1, self.options.processors), self.options.timeout_seconds)
         self.processed = 0
         self.failed = 0
         # Told the outcome of every crash this processor finishes or gives up on: "parsed",

@@ -91,6 +91,8 @@ SETTING_HELP: dict[str, str] = {
     "process_max_attempts": "claims a crash gets before it is marked failed (default 3)",
     "process_poll_seconds": "seconds between looks for crashes stored by other processes"
     " (default 2)",
+    "process_timeout_seconds": "seconds a processor may spend parsing one dump, or walking it"
+    " with symbols (default 120)",
     "symbol_upload_max_bytes": "largest POST /symbols/upload body in bytes (default 2 GiB)",
     "symbol_servers": "comma-separated base URLs of Breakpad symbol servers asked for symbols"
     " the store lacks (default: none)",

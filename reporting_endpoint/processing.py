@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,26 @@ class ProcessorDied(Exception):
     """The process parsing a dump died (killed, or crashed by the dump itself)."""
 
 
+class ProcessingTimeout(Exception):
+    """One step on one dump took longer than the processors' timeout (raised in the child by
+    its alarm, so the child lives on for the next crash)."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise ProcessingTimeout("took longer than the processing timeout")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    # SIGALRM interrupts Python code only: a long call inside a native library ends first,
+    # then the alarm fires. Tasks run on the child's main thread, where signals are handled.
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def default_processors(workers: int = 1) -> int:
     """What the machine can spare per serving process: its cores less the serving processes,
     shared among them, at least one."""
@@ -47,6 +67,7 @@ def default_processors(workers: int = 1) -> int:
 def _start_child(parent: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when its children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _on_alarm)
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     # The parent's pid from the parent itself: one killed before this line ran would make
@@ -63,41 +84,44 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def parse_in_child(path: str) -> dict[str, Any]:
+def parse_in_child(path: str, timeout: float = 120.0) -> dict[str, Any]:
     """The facts of one dump as a dict (what crosses back to the parent)."""
     from reporting_endpoint.minidump import parse_dump
 
     fault = os.environ.get(FAULT_VARIABLE)
     if fault and bytes.fromhex(fault) in Path(path).read_bytes():
         os.kill(os.getpid(), signal.SIGKILL)
-    delay = os.environ.get(DELAY_VARIABLE)
-    if delay:
-        time.sleep(float(delay))
-    facts = parse_dump(Path(path)).as_dict()
-    if facts.get("parser") == "minidump":
-        from reporting_endpoint.native.symbolication import analyse_stack
+    with _deadline(timeout):
+        delay = os.environ.get(DELAY_VARIABLE)
+        if delay:
+            time.sleep(float(delay))
+        facts = parse_dump(Path(path)).as_dict()
+        if facts.get("parser") == "minidump":
+            from reporting_endpoint.native.symbolication import analyse_stack
 
-        # The stack walked without symbols in the same call: most dumps have none in the
-        # store, and then this is the whole result (one call, one read of the file).
-        facts["stack"] = analyse_stack(path, {}, str(facts.get("signature")))
+            # The stack walked without symbols in the same call: most dumps have none in the
+            # store, and then this is the whole result (one call, one read of the file).
+            facts["stack"] = analyse_stack(path, {}, str(facts.get("signature")))
     return facts
 
 
 def stack_in_child(
-    path: str, symbols: dict[tuple[str, str], Any], fallback_signature: str
+    path: str, symbols: dict[tuple[str, str], Any], fallback_signature: str, timeout: float = 120.0
 ) -> dict[str, Any]:
     """The crashing thread's frames, missing symbols and signature (``native.symbolication``)."""
     from reporting_endpoint.native.symbolication import analyse_stack
 
-    return analyse_stack(path, symbols, fallback_signature)
+    with _deadline(timeout):
+        return analyse_stack(path, symbols, fallback_signature)
 
 
 class ProcessorPool:
     """``size`` child processes; one that dies breaks the executor, which is then replaced
     (the parses it had in flight raise ``ProcessorDied``)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, timeout: float = 120.0) -> None:
         self.size = size
+        self.timeout = timeout
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
     def _current(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -113,7 +137,7 @@ class ProcessorPool:
         return self._executor
 
     async def parse(self, path: Path) -> dict[str, Any]:
-        return await self._run(parse_in_child, str(path))
+        return await self._run(parse_in_child, str(path), self.timeout)
 
     async def _run(self, function: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         executor = self._current()
@@ -129,7 +153,7 @@ class ProcessorPool:
         self, path: Path, symbols: dict[tuple[str, str], Any], fallback_signature: str
     ) -> dict[str, Any]:
         """Walk and symbolicate the dump's crashing thread in a child."""
-        return await self._run(stack_in_child, str(path), symbols, fallback_signature)
+        return await self._run(stack_in_child, str(path), symbols, fallback_signature, self.timeout)
 
     def pids(self) -> list[int]:
         """The children alive now (tests kill one)."""

@@ -139,6 +139,9 @@ class Settings:
     process_lease_seconds: float = 300.0
     process_max_attempts: int = 3
     process_poll_seconds: float = 2.0
+    # Longest a processor may spend on one step of one crash (parse; walk with symbols, their
+    # loading included): past it the parse is failed, the walk kept without symbols.
+    process_timeout_seconds: float = 120.0
     # Symbols (README "Symbols"): the largest POST /symbols/upload body (a zip of an Electron
     # release's symbols is hundreds of MiB; a Chromium-sized one a few GiB).
     symbol_upload_max_bytes: int = 2 * GiB
@@ -173,6 +176,7 @@ class Settings:
             "process_lease_seconds",
             "process_max_attempts",
             "process_poll_seconds",
+            "process_timeout_seconds",
             "symbol_upload_max_bytes",
             "symbol_cache_bytes",
             "symbol_fetch_timeout",
@@ -317,6 +321,7 @@ class Settings:
             lease_seconds=self.process_lease_seconds,
             max_attempts=self.process_max_attempts,
             poll_seconds=self.process_poll_seconds,
+            timeout_seconds=self.process_timeout_seconds,
         )
 
     def replace(self, **changes: Any) -> Settings:

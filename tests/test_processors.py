@@ -352,3 +352,28 @@ def test_a_graceful_stop_hands_claimed_crashes_back_at_once(
         assert {stored[c]["parse_status"] for c in ids} == {"parsed"}
     finally:
         stop(server)
+
+
+def test_a_parse_past_the_timeout_fails_with_the_reason_and_the_processor_goes_on(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Every parse here takes 3 s (the test hook) against a 0.5 s timeout: each crash is
+    failed with the reason in bounded time, and the same processor takes the next one (the
+    alarm ends the step, not the child)."""
+    server = service(
+        database_url, tmp_path, "--processors", "1", "--process-timeout-seconds", "0.5",
+        env={DELAY_VARIABLE: "3"},
+    )  # fmt: skip
+    try:
+        started = time.monotonic()
+        ids = [upload(server, DUMP, prod=f"Slow{n}") for n in range(3)]
+        wait_drained(server, timeout=20)
+        # 3 x 3 s without the timeout: well past this.
+        assert time.monotonic() - started < 6
+        stored = crashes(server)
+        for crash_id in ids:
+            assert stored[crash_id]["parse_status"] == "failed"
+            assert "processing timeout" in stored[crash_id]["parse_error"]
+        assert health(server)["status"] == "ok"
+    finally:
+        stop(server)
