@@ -56,7 +56,12 @@ def test_every_acknowledged_report_survives_sigkill(tmp_path: Path) -> None:
     threads = [threading.Thread(target=send, args=(i,)) for i in range(SENDERS)]
     for thread in threads:
         thread.start()
-    time.sleep(random.uniform(0.5, 2.0))
+    # Killed mid-load: once the load is going (on a busy machine that takes a while), at a
+    # random moment after.
+    going = time.monotonic() + MAX_SECONDS / 2
+    while len(acknowledged) <= 200 and time.monotonic() < going:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.1, 1.0))
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(timeout=10)
     for thread in threads:
