@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ from reporting_endpoint.blobstores import BlobStore
 from reporting_endpoint.issue_keys import crash_issue_key, stored_crash
 from reporting_endpoint.issues.rules import RuleSet
 from reporting_endpoint.native.symbol_finder import SymbolFinder
-from reporting_endpoint.processing import ProcessorDied, ProcessorPool
+from reporting_endpoint.processing import ProcessingTimeout, ProcessorDied, ProcessorPool
 from reporting_endpoint.records import IssueKey, NewCrash
 from reporting_endpoint.storage.base import PendingCrash, Storage, StorageError
 
@@ -249,6 +248,8 @@ class DumpAnalyzer:
         except (ProcessorDied, StorageError):
             # Not the dump's fault: the crash stays claimed and is tried again.
             raise
+        except ProcessingTimeout as exc:
+            return TimeoutError(str(exc))
         except Exception as exc:
             return exc
 
@@ -256,28 +257,34 @@ class DumpAnalyzer:
         self, path: Path, modules: list[dict[str, Any]], fallback: str, first: dict[str, Any]
     ) -> dict[str, Any]:
         """The stack walked again with the symbols found for ``modules``; ``first`` (the walk
-        without symbols) when there are none, {} when this fails (the facts still stand). A
-        processor that dies here raises ``ProcessorDied`` like one that dies parsing."""
-        # Before the look: symbols stored after this moment send the crash round again
-        # (the storage compares it with their stamp when the result is recorded).
-        checked_at = int(time.time() * 1000)
+        without symbols) when there are none or the walk with them fails or runs out of time.
+        Each missing module is recorded with the symbol file the store had for it then
+        (``storage.record_crash_facts``). A processor that dies here raises ``ProcessorDied``
+        like one that dies parsing."""
+        seen: dict[tuple[str, str], str] = {}
+        stack = first
         try:
-            async with self.symbols.stored(modules) as found:
-                stack = await self.pool.stack(path, found, fallback) if found else first
+            async with self.symbols.stored(modules) as (found, seen):
+                if found:
+                    stack = await self.pool.stack(path, found, fallback)
                 missing = stack.get("missing_symbols") or []
                 if missing and self.symbols.upstream is not None:
                     fetched = await self.symbols.from_upstream(missing)
                     if fetched:
                         stack = await self.pool.stack(path, {**found, **fetched}, fallback)
-                # Modules whose stored symbols could not be read or loaded stay missing: a
-                # fixed upload of them re-queues this crash.
-                return {**stack, "symbols_checked_at": checked_at}
         except (ProcessorDied, StorageError):
             raise
-        except Exception:
-            log.exception("stack of %s not walked; its facts are kept", path)
-            # Nothing is known about which symbols it needed: none is listed missing.
-            return {"missing_symbols": []}
+        except (Exception, ProcessingTimeout) as exc:
+            log.warning("stack of %s not walked with symbols (%s); the walk without is kept",
+                        path, exc)  # fmt: skip
+            stack = first
+        return {
+            **stack,
+            "missing_symbols": [
+                [*entry[:3], seen.get((entry[0], entry[1]))]
+                for entry in stack.get("missing_symbols") or []
+            ],
+        }
 
     async def record(
         self,

@@ -96,8 +96,9 @@ SETTING_HELP: dict[str, str] = {
     "symbol_upload_max_bytes": "largest POST /symbols/upload body in bytes (default 2 GiB)",
     "symbol_servers": "comma-separated base URLs of Breakpad symbol servers asked for symbols"
     " the store lacks (default: none)",
-    "symbol_cache_bytes": "disk space for symbol files fetched from symbol_servers; least"
-    " recently used go first (default 1 GiB)",
+    "symbol_cache_bytes": "disk space for symbol files fetched from symbol_servers, and"
+    " separately for local copies of symbol blobs from an S3 blob store; least recently used"
+    " go first (default 1 GiB each)",
     "symbol_fetch_timeout": "seconds a symbol server may stay silent before the fetch counts"
     " as a miss (default 20)",
     "symbol_negative_cache_seconds": "seconds a symbol no server had is not asked for again"

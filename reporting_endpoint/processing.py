@@ -31,30 +31,34 @@ ORPHAN_CHECK = 0.5
 FAULT_VARIABLE = "REPORTING_ENDPOINT_TEST_PROCESSOR_FAULT"
 # Test hook: seconds every parse takes at least (a slow parse, to kill a process mid-dump).
 DELAY_VARIABLE = "REPORTING_ENDPOINT_TEST_PROCESSOR_DELAY"
+# Test hook: CPU seconds every parse burns (a parse that never ends, for the timeout).
+SPIN_VARIABLE = "REPORTING_ENDPOINT_TEST_PROCESSOR_SPIN"
 
 
 class ProcessorDied(Exception):
     """The process parsing a dump died (killed, or crashed by the dump itself)."""
 
 
-class ProcessingTimeout(Exception):
-    """One step on one dump took longer than the processors' timeout (raised in the child by
-    its alarm, so the child lives on for the next crash)."""
+class ProcessingTimeout(BaseException):
+    """One step on one dump used more CPU than the processors' timeout (raised in the child by
+    its timer, so the child lives on for the next crash). A BaseException: the parsers and the
+    walker catch Exception to keep going past bad input, and must not swallow this."""
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
+def _on_timer(signum: int, frame: Any) -> None:
     raise ProcessingTimeout("took longer than the processing timeout")
 
 
 @contextlib.contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
-    # SIGALRM interrupts Python code only: a long call inside a native library ends first,
-    # then the alarm fires. Tasks run on the child's main thread, where signals are handled.
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # CPU time, not wall time: processors run at nice 19 so that ingest wins the CPU, and a
+    # starved one must not time out. The timer interrupts Python code only (a long call inside
+    # a native library ends first); tasks run on the child's main thread, where signals go.
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
 
 
 def default_processors(workers: int = 1) -> int:
@@ -67,7 +71,7 @@ def default_processors(workers: int = 1) -> int:
 def _start_child(parent: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when its children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGPROF, _on_timer)
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     # The parent's pid from the parent itself: one killed before this line ran would make
@@ -95,6 +99,11 @@ def parse_in_child(path: str, timeout: float = 120.0) -> dict[str, Any]:
         delay = os.environ.get(DELAY_VARIABLE)
         if delay:
             time.sleep(float(delay))
+        spin = os.environ.get(SPIN_VARIABLE)
+        if spin:
+            until = time.process_time() + float(spin)
+            while time.process_time() < until:
+                pass
         facts = parse_dump(Path(path)).as_dict()
         if facts.get("parser") == "minidump":
             from reporting_endpoint.native.symbolication import analyse_stack

@@ -338,16 +338,15 @@ def test_symbols_stored_during_the_first_processing_send_the_crash_back(
     run(database_url, scenario)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+def saw(*missing: tuple[str, str, str | None]) -> dict[str, Any]:
+    """A result missing modules whose stored .sym its processor saw (sha256, None: none)."""
+    return {
+        **facts(),
+        "missing_symbols": [[f, i, f"C:\\app\\{f}", seen] for f, i, seen in missing],
+    }
 
 
-def looked(at: int, *missing: tuple[str, str]) -> dict[str, Any]:
-    """A result missing ``missing`` whose processor looked for symbols at ``at`` (ms)."""
-    return {**facts(*missing), "symbols_checked_at": at}
-
-
-async def attempts(storage: Storage, database_url: str, crash_id: str) -> int:
+async def attempts(database_url: str, crash_id: str) -> int:
     query = "SELECT attempts FROM crashes WHERE id = "
     if database_url.startswith("sqlite://"):
         with sqlite3.connect(database_url.removeprefix("sqlite://")) as connection:
@@ -359,48 +358,63 @@ async def attempts(storage: Storage, database_url: str, crash_id: str) -> int:
         await connection.close()
 
 
+async def raw(database_url: str, *statements: str) -> None:
+    if database_url.startswith("sqlite://"):
+        with sqlite3.connect(database_url.removeprefix("sqlite://")) as connection:
+            for statement in statements:
+                connection.execute(statement)
+        return
+    connection = await asyncpg.connect(database_url)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 def test_symbols_stored_while_a_crash_was_processed_send_it_back_with_fresh_attempts(
     database_url: str,
 ) -> None:
-    """The processor looked before the upload, its result came after: back to processing at
-    once, attempts from zero (a crash sent round by uploads never runs out of attempts)."""
+    """The processor saw no symbols for GPU; they were stored before its result: back to
+    processing at once, attempts from zero (uploads never use up a crash's attempts)."""
 
     async def scenario(storage: Storage) -> None:
         await storage.insert_crash(crash(1, BASE + 1))
         held = await storage.claim_crashes("a", 5, lease_ms=LEASE, max_attempts=3)
         assert [c.id for c in held.crashes] == [cid(1)]
-        look = now_ms()
         assert await storage.put_symbol_files([symbol(GPU)]) == 0  # nothing waiting yet
-        await storage.record_crash_facts(cid(1), looked(look, GPU, LIBC), owner="a")
+        await storage.record_crash_facts(cid(1), saw((*GPU, None), (*LIBC, None)), owner="a")
         assert await status(storage, cid(1)) == "pending"
-        assert await attempts(storage, database_url, cid(1)) == 0
+        assert await attempts(database_url, cid(1)) == 0
         again = await storage.claim_crashes("b", 5, lease_ms=LEASE, max_attempts=1)
         assert [c.id for c in again.crashes] == [cid(1)]
-        await storage.record_crash_facts(cid(1), looked(now_ms(), LIBC), owner="b")
+        gpu = symbol(GPU).sym_sha256
+        await storage.record_crash_facts(cid(1), saw((*GPU, gpu), (*LIBC, None)), owner="b")
         assert await status(storage, cid(1)) == "parsed"
-        assert [(m.debug_file, m.debug_id) for m in await storage.missing_symbols()] == [LIBC]
 
     run(database_url, scenario)
 
 
-def test_symbols_stored_before_the_look_but_unusable_stay_missing_without_a_loop(
+def test_symbols_the_processor_had_and_could_not_use_stay_missing_without_a_loop(
     database_url: str,
 ) -> None:
-    """Symbols the processor had and could not use (a blob gone, a file its loader refused):
-    the crash is not sent round (it would go round for ever), the module stays on the missing
-    list, and uploading it again sends the crash back."""
+    """The processor saw GPU's stored symbols and could not use them (a blob gone, a file its
+    loader refused): the crash is not sent round (it would go round for ever), the module
+    stays on the missing list, and uploading another file for it sends the crash back."""
 
     async def scenario(storage: Storage) -> None:
         await storage.put_symbol_files([symbol(GPU)])
         await storage.insert_crash(crash(1, BASE + 1))
         await storage.claim_crashes("a", 5, lease_ms=LEASE, max_attempts=3)
-        await storage.record_crash_facts(cid(1), looked(now_ms() + 60_000, GPU), owner="a")
+        gpu = symbol(GPU).sym_sha256
+        await storage.record_crash_facts(cid(1), saw((*GPU, gpu)), owner="a")
         assert await status(storage, cid(1)) == "parsed"
         assert await storage.requeue_late_symbols() == 0
         assert await status(storage, cid(1)) == "parsed"
         assert [(m.debug_file, m.debug_id) for m in await storage.missing_symbols()] == [GPU]
         assert await storage.put_symbol_files([symbol(GPU, "2")]) == 1
         assert await status(storage, cid(1)) == "pending"
+        assert await storage.missing_symbols() == []
 
     run(database_url, scenario)
 
@@ -408,39 +422,30 @@ def test_symbols_stored_before_the_look_but_unusable_stay_missing_without_a_loop
 def test_an_upload_and_a_result_that_crossed_are_caught_by_the_late_check(
     database_url: str,
 ) -> None:
-    """Each committed without seeing the other (possible on PostgreSQL): the crash kept its
-    missing row for symbols that exist. The processors' periodic check sends it back."""
+    """Each committed without seeing the other (possible on PostgreSQL, where the upload skips
+    crash rows a result holds): the crash kept its missing row for symbols that now exist. The
+    processors' periodic check sends it back; on SQLite, one writer orders them, and the check
+    has nothing to do."""
 
     async def scenario(storage: Storage) -> None:
-        look = now_ms()
         await storage.insert_crash(crash(1, BASE + 1))
         await storage.insert_crash(crash(2, BASE + 2))
-        await storage.record_crash_facts(cid(1), looked(look, GPU))
-        await storage.record_crash_facts(cid(2), looked(look, LIBC))
-        assert await storage.put_symbol_files([symbol(GPU)]) == 1
-        await storage.claim_crashes("a", 5, lease_ms=LEASE, max_attempts=3)
-        await storage.record_crash_facts(cid(1), looked(now_ms()))
-        # The crossing, as the database would hold it: crash 1 parsed, still missing GPU.
-        statements = [
-            "UPDATE crashes SET parse_status = 'parsed' WHERE id = '" + cid(1) + "'",
-            "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, checked_at)"
-            f" VALUES ('{cid(1)}', '{GPU[0]}', '{GPU[1]}', NULL, {look})",
-        ]
-        if database_url.startswith("sqlite://"):
-            with sqlite3.connect(database_url.removeprefix("sqlite://")) as connection:
-                for statement in statements:
-                    connection.execute(statement)
-        else:
-            connection = await asyncpg.connect(database_url)
-            try:
-                for statement in statements:
-                    await connection.execute(statement)
-            finally:
-                await connection.close()
+        await storage.record_crash_facts(cid(2), saw((*LIBC, None)))
+        await storage.put_symbol_files([symbol(GPU)])
+        await storage.record_crash_facts(cid(1), facts())
+        # The crossing, as the database would hold it: crash 1 parsed, still missing GPU, its
+        # processor having seen none.
+        await raw(
+            database_url,
+            "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, seen_sha256)"
+            f" VALUES ('{cid(1)}', '{GPU[0]}', '{GPU[1]}', NULL, NULL)",
+        )
         assert await status(storage, cid(1)) == "parsed"
-        assert await storage.requeue_late_symbols() == 1
-        assert [await status(storage, cid(n)) for n in (1, 2)] == ["pending", "parsed"]
-        assert await storage.requeue_late_symbols() == 0
+        expected = 0 if database_url.startswith("sqlite://") else 1
+        assert await storage.requeue_late_symbols() == expected
+        if expected:
+            assert [await status(storage, cid(n)) for n in (1, 2)] == ["pending", "parsed"]
+            assert await storage.requeue_late_symbols() == 0
 
     run(database_url, scenario)
 

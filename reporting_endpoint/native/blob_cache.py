@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from reporting_endpoint.settings import Settings
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A copy used within this many seconds is kept even past the budget (a walk may hold it).
+IN_USE = 600.0
+# A temp download older than this was left by a killed process.
+STALE_PART = 3600.0
 
 
 class SymbolBlobCache:
@@ -80,20 +84,26 @@ class SymbolBlobCache:
 
     def _evict(self, keep: Path) -> None:
         entries: list[tuple[float, int, Path]] = []
+        now = time.time()
         for path in self.folder.iterdir():
-            if not _SHA256.fullmatch(path.name):
-                continue
             with contextlib.suppress(FileNotFoundError):
                 status = path.stat()
+                if not _SHA256.fullmatch(path.name):
+                    # A download a killed process left: counted until it is stale, then gone.
+                    if path.name.endswith(".part") and now - status.st_mtime > STALE_PART:
+                        path.unlink()
+                    elif path.name.endswith(".part"):
+                        entries.append((now, status.st_size, path))
+                    continue
                 entries.append((status.st_mtime, status.st_size, path))
         total = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries):
+        for used, size, path in sorted(entries):
             if total <= self.max_bytes:
                 break
-            if path == keep:
+            # Files used lately may be about to be opened by a walk that was handed them: the
+            # folder may exceed its budget for that long rather than pull them away.
+            if path == keep or now - used < IN_USE or path.name.endswith(".part"):
                 continue
-            # A processor that opened it already keeps reading it (unlinked, not gone); one
-            # that had not yet finds it missing and lists its module as missing for now.
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             total -= size

@@ -313,8 +313,11 @@ class _Reader:
         (length,) = self.unpack(struct.Struct("<I"), rva, "string length")
         if length > MAX_NAME_BYTES:
             raise DumpFormatError(f"string of {length} bytes at {rva:#x}")
-        raw = self.span(rva + 4, length & ~1, "string", MAX_TEXT_BYTES)
-        text = raw.decode("utf-16-le", errors="replace")[:MAX_TEXT_CHARS]
+        size = length & ~1
+        self.check(rva + 4, size, "string")
+        # A path's end is kept: its file name is what names the module and its symbols.
+        raw = self.data[rva + 4 + max(0, size - MAX_TEXT_BYTES) : rva + 4 + size]
+        text = raw.decode("utf-16-le", errors="replace")[-MAX_TEXT_CHARS:]
         self.names[rva] = text = self.texts.setdefault(text, text)
         return text
 

@@ -64,9 +64,11 @@ class SymbolFinder:
     @contextlib.asynccontextmanager
     async def stored(
         self, modules: Sequence[Mapping[str, Any]]
-    ) -> AsyncIterator[dict[tuple[str, str], SymbolPaths]]:
-        """The symbol files the store has for ``modules`` (on S3, downloaded while held); one
-        whose blob cannot be read is left out (the walk lists its module as missing)."""
+    ) -> AsyncIterator[tuple[dict[tuple[str, str], SymbolPaths], dict[tuple[str, str], str]]]:
+        """The symbol files the store has for ``modules`` (on S3, local copies), and the sha256
+        of the .sym of every key the store has a row for: a missing module is recorded with the
+        file its processor saw, so that only another file sends the crash round again. One
+        whose blob cannot be read is left out of the first (its module is listed missing)."""
         keys = symbol_keys(modules)
         files = await self.storage.get_symbol_files(keys) if keys else {}
         found: dict[tuple[str, str], SymbolPaths] = {}
@@ -88,7 +90,7 @@ class SymbolFinder:
                     str(obj) if obj is not None else None,
                     record.object_sha256,
                 )
-            yield found
+            yield found, {key: record.sym_sha256 for key, record in files.items()}
 
     async def from_upstream(
         self, missing: Sequence[Sequence[str | None]]

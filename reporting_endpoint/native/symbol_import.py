@@ -8,8 +8,10 @@ nothing for bad input: every file is unpacked (and so checked) before anything i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -117,22 +119,38 @@ async def unpack_all(
     """Every input (a path and the name it was given) unpacked, off the event loop, one at a
     time under ``gate``; the first that cannot be used raises ``SymbolImportError``."""
     found: list[UnpackedSymbols] = []
-    for index, (path, filename) in enumerate(inputs):
-        name = display_name(filename)
-        # One folder per input: two inputs never write over each other's output.
-        target = workdir / f"unpacked-{index}"
-        await asyncio.to_thread(target.mkdir, mode=0o700)
-        async with gate or contextlib.nullcontext():
-            try:
-                if limits is None:
-                    unpacked = await asyncio.to_thread(unpack_symbols, path, name, target)
-                else:
-                    unpacked = await asyncio.to_thread(unpack_symbols, path, name, target, limits)
-            except SymbolUploadError as exc:
-                raise SymbolImportError(exc.code, name, str(exc)) from None
-        if not unpacked:
-            raise SymbolImportError("no_symbols", name, "it holds no symbol file")
-        found.extend(unpacked)
+    loop = asyncio.get_running_loop()
+    # In a process of its own, not a thread: reading a .sym through and converting a debug
+    # file are seconds to minutes of Python and native work that would hold the GIL against
+    # ingest in the serving process.
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn")
+    )
+    finished = False
+    try:
+        for index, (path, filename) in enumerate(inputs):
+            name = display_name(filename)
+            # One folder per input: two inputs never write over each other's output.
+            target = workdir / f"unpacked-{index}"
+            await asyncio.to_thread(target.mkdir, mode=0o700)
+            async with gate or contextlib.nullcontext():
+                try:
+                    unpacked = await loop.run_in_executor(
+                        pool, unpack_symbols, path, name, target, limits or UploadLimits()
+                    )
+                except SymbolUploadError as exc:
+                    raise SymbolImportError(exc.code, name, str(exc)) from None
+            if not unpacked:
+                raise SymbolImportError("no_symbols", name, "it holds no symbol file")
+            found.extend(unpacked)
+        finished = True
+    finally:
+        if not finished:
+            # Given up (a refused input, the client gone): an unpack still running in the
+            # process is of no use, and would hold the upload's folder for minutes.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+        await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
     return found
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -19,9 +19,9 @@ from reporting_endpoint.native.symbols import (
     SymbolFileError,
     breakpad_debug_id,
     cfi_text,
+    load_symbols,
     object_has_functions,
     parse_module_line,
-    split_breakpad,
 )
 
 COPY_CHUNK = 1024 * 1024
@@ -56,6 +56,10 @@ class SymbolUploadError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    def __reduce__(self) -> tuple[type[SymbolUploadError], tuple[str, str]]:
+        # Raised in the unpacking process and re-raised here: pickled with both fields.
+        return (SymbolUploadError, (self.code, self.message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +146,14 @@ def unpack_symbols(
     except SymbolUploadError:
         job.discard()
         raise
-    except (MemoryError, KeyboardInterrupt, SystemExit):
+    except SymbolFileError as exc:
+        job.discard()
+        raise SymbolUploadError(exc.code, exc.message) from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        job.discard()
+        raise SymbolUploadError("bad_zip", f"{type(exc).__name__}: {exc}"[:300]) from exc
+    except (OSError, MemoryError):
+        # The server's trouble (a full disk, no memory), not the file's: not a 4xx.
         job.discard()
         raise
     except Exception as exc:
@@ -230,11 +241,11 @@ class _Job:
                     if len(fields) == 4:
                         code_file = _base_name(fields[3].decode("utf-8", "replace")) or None
             shutil.copyfileobj(source, out, COPY_CHUNK)
-        # Read it through as the processors will (streaming, records checked one by one): a
-        # file they would refuse is refused now, with its reason, not found broken later.
+        # Loaded as the processors will load it (this runs in a process of its own, see
+        # symbol_import): a file they would refuse is refused now, with its reason, not found
+        # broken when a crash needs it.
         try:
-            with target.open("rb") as stored, open(os.devnull, "wb") as discard:
-                split_breakpad(stored, discard, discard, strict=True)
+            load_symbols(target)
         except SymbolFileError as exc:
             raise SymbolUploadError(exc.code, exc.message) from exc
         return UnpackedSymbols(

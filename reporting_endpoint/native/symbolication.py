@@ -190,7 +190,9 @@ def missing_symbols(
     seen: set[tuple[str, str]] = set()
     missing: list[list[str | None]] = []
     for frame in frames:
-        module = dump.module_at(frame.instruction)
+        # A caller's return address may lie just past its module (a call that never returns
+        # as the module's last instruction): its call is one byte back, as the walker looks.
+        module = dump.module_at(frame.instruction - (1 if frame.index else 0))
         key = module.symbol_key if module is not None else None
         if module is None or key is None or key in loaded or key in seen:
             continue

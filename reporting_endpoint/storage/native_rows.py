@@ -8,6 +8,7 @@ exactly what these functions make of them; nothing here knows a query language.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +31,15 @@ SYMBOL_COLUMNS = (
     "sym_size", "object_sha256", "object_size", "source", "uploaded_at",
 )  # fmt: skip
 
-# A symbol file counts as arrived after a processor looked for it when it was stored less than
-# this before the look (ms): its stamp is taken by the writer just before the commit, and a
-# processor on another host reads its own clock. Within it a crash may go round once more.
-ARRIVAL_SLACK_MS = 5_000
+# How far back the periodic late-symbols check looks at uploads (ms, the database's clock):
+# crossings it catches are between commits seconds apart, and it runs every minute.
+RECENT_UPLOADS_MS = 3_600_000
 
 Key = tuple[str, str]
-MissingRow = tuple[str, str, str | None]
+# (debug_file, debug_id, code_file, the sha256 of the .sym the store had when the processor
+# looked, None when it had none).
+MissingRow = tuple[str, str, str | None, str | None]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def clean(value: str) -> str:
@@ -75,8 +78,6 @@ class NativeFacts:
     modules: str | None
     frames: str | None
     missing: tuple[MissingRow, ...]
-    # When the processor looked for symbols (ms since the epoch; 0 when it did not say).
-    checked_at: int = 0
 
 
 def _json_list(facts: Mapping[str, Any], name: str) -> str | None:
@@ -106,19 +107,25 @@ def native_facts(facts: Mapping[str, Any]) -> NativeFacts:
     for entry in missing:
         if (
             not isinstance(entry, list | tuple)
-            or len(entry) != 3
+            or len(entry) not in (3, 4)
             or not all(isinstance(v, str) and v for v in entry[:2])
             or not (entry[2] is None or isinstance(entry[2], str))
+            or not (
+                len(entry) == 3
+                or entry[3] is None
+                or (isinstance(entry[3], str) and _SHA256.fullmatch(entry[3]))
+            )
         ):
             shown = repr(entry)[:100]
-            raise ValueError(f"missing_symbols entry {shown} is not [debug_file, debug_id, code]")
+            raise ValueError(
+                f"missing_symbols entry {shown} is not [debug_file, debug_id, code, seen]"
+            )
         key = clean_key(entry)
+        seen = entry[3] if len(entry) == 4 else None
         # The same module twice (a dump listing it twice) is one row: the first one's.
-        rows.setdefault(key, (*key, None if entry[2] is None else clean(entry[2])))
+        rows.setdefault(key, (*key, None if entry[2] is None else clean(entry[2]), seen))
     modules, frames = _json_list(facts, "modules"), _json_list(facts, "frames")
-    checked = facts.get("symbols_checked_at")
-    checked_at = checked if isinstance(checked, int) and 0 <= checked < 2**62 else 0
-    return NativeFacts(modules, frames, tuple(rows.values()), checked_at)
+    return NativeFacts(modules, frames, tuple(rows.values()))
 
 
 def module_keys(modules: list[dict[str, Any]]) -> list[Key]:

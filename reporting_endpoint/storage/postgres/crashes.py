@@ -134,7 +134,7 @@ async def record_facts(
             crash_id,
         )
         if status != "UPDATE 0":  # no rows for a crash deleted meanwhile
-            await symbols.replace_missing(connection, crash_id, native.missing, native.checked_at)
+            await symbols.replace_missing(connection, crash_id, native.missing)
     # Server-side data errors (class 22), and asyncpg's own when it cannot encode a value.
     except (asyncpg.DataError, OverflowError, ValueError) as exc:
         await connection.execute("ROLLBACK TO SAVEPOINT facts")

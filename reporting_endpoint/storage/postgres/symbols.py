@@ -14,7 +14,7 @@ import asyncpg
 
 from reporting_endpoint.native.records import MissingSymbols, SymbolFile
 from reporting_endpoint.storage.native_rows import (
-    ARRIVAL_SLACK_MS,
+    RECENT_UPLOADS_MS,
     SYMBOL_COLUMNS,
     Key,
     MissingRow,
@@ -35,6 +35,8 @@ _UPSERT = (
     " ON CONFLICT (debug_file, debug_id) DO UPDATE SET "
     + ", ".join(f"{name} = excluded.{name}" for name in SYMBOL_COLUMNS[2:])
 )
+_NOW = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+_NOW_MS = f"SELECT {_NOW}"
 # The keys of the arrays bound as $1 (debug files) and $2 (debug ids).
 _KEYS = "unnest($1::text[], $2::text[]) AS k(debug_file, debug_id)"
 
@@ -49,18 +51,16 @@ def _arrays(keys: Sequence[Key]) -> tuple[list[str], list[str]]:
 async def put_files(connection: asyncpg.Connection, files: Sequence[SymbolFile]) -> int:
     """As the SQLite backend's ``put_files``.
 
-    The crash rows are locked first, in id order, then their ``crash_modules`` rows: the order
-    ``record_facts`` takes them in (its crash row, then that crash's modules), so a parse on
-    another host never deadlocks with an upload. The upserts go in key order for the same
-    reason between two uploads."""
+    Crash rows another transaction holds (a processor recording its result) are skipped, not
+    waited for: waiting could deadlock with a writer transaction recording several results,
+    and such a crash is sent back by ``replace_missing`` when its result sees this upload, or
+    by the processors' ``requeue_late`` within a minute when neither saw the other. The
+    upserts go in key order between two uploads."""
     rows = {clean_key((f.debug_file, f.debug_id)): symbol_values(f) for f in files}
     if not rows:
         return 0
-    # Stamped with the server's clock at this statement, just before the commit (not when the
-    # upload began): crashes compare it with when their processor looked (``replace_missing``).
-    now_ms = await connection.fetchval(
-        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
-    )
+    # Stamped with the server's clock (the late check looks at recent uploads by it).
+    now_ms = await connection.fetchval(_NOW_MS)
     await connection.executemany(_UPSERT, [(*rows[key][:-1], int(now_ms)) for key in sorted(rows)])
     files_, ids = _arrays(sorted(rows))
     crashes = [
@@ -68,7 +68,7 @@ async def put_files(connection: asyncpg.Connection, files: Sequence[SymbolFile])
         for record in await connection.fetch(
             "SELECT id FROM crashes WHERE id IN (SELECT m.crash_id FROM crash_modules AS m"
             f" JOIN {_KEYS} ON m.debug_file = k.debug_file AND m.debug_id = k.debug_id)"
-            ' ORDER BY id COLLATE "C" FOR UPDATE',
+            ' ORDER BY id COLLATE "C" FOR UPDATE SKIP LOCKED',
             files_,
             ids,
         )
@@ -92,10 +92,7 @@ async def put_files(connection: asyncpg.Connection, files: Sequence[SymbolFile])
 
 
 async def replace_missing(
-    connection: asyncpg.Connection,
-    crash_id: str,
-    missing: Sequence[MissingRow],
-    checked_at: int = 0,
+    connection: asyncpg.Connection, crash_id: str, missing: Sequence[MissingRow]
 ) -> None:
     """As the SQLite backend's ``replace_missing``. An upload committing in the same instant
     as this transaction is not seen here, nor this row by it: ``requeue_late``, run by the
@@ -104,37 +101,43 @@ async def replace_missing(
     if not missing:
         return
     await connection.execute(
-        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, checked_at)"
-        " SELECT $1, k.*, $5 FROM unnest($2::text[], $3::text[], $4::text[]) AS k",
+        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, seen_sha256)"
+        " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])",
         crash_id,
         [row[0] for row in missing],
         [row[1] for row in missing],
         [row[2] for row in missing],
-        checked_at,
+        [row[3] for row in missing],
     )
-    arrived = await connection.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM crash_modules AS m JOIN symbol_files AS s"
-        " ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
-        " WHERE m.crash_id = $1 AND s.uploaded_at >= m.checked_at - $2)",
-        crash_id,
-        ARRIVAL_SLACK_MS,
-    )
-    if arrived:
-        await requeue_late(connection, crash_id)
+    await requeue_late(connection, crash_id)
 
 
 async def requeue_late(connection: asyncpg.Connection, crash_id: str | None = None) -> int:
-    """As the SQLite backend's ``requeue_late``; crash rows locked in id order first, as
-    ``put_files`` and ``record_facts`` take them."""
+    """As the SQLite backend's ``requeue_late``; without ``crash_id`` only symbol files stored
+    in the last hour are looked at (through their index, not every missing row). Crash rows
+    are locked in id order, skipping those another transaction holds (the next round, or
+    their own result, sends them back)."""
+    if crash_id is None:
+        candidates = (
+            "SELECT m.crash_id FROM symbol_files AS s JOIN crash_modules AS m"
+            " ON m.debug_file = s.debug_file AND m.debug_id = s.debug_id"
+            " AND s.sym_sha256 IS DISTINCT FROM m.seen_sha256"
+            f" WHERE s.uploaded_at >= {_NOW} - $1 LIMIT 1000"
+        )
+        argument: object = RECENT_UPLOADS_MS
+    else:
+        candidates = (
+            "SELECT m.crash_id FROM crash_modules AS m JOIN symbol_files AS s"
+            " ON m.debug_file = s.debug_file AND m.debug_id = s.debug_id"
+            " AND s.sym_sha256 IS DISTINCT FROM m.seen_sha256 WHERE m.crash_id = $1"
+        )
+        argument = crash_id
     crashes = [
         str(record[0])
         for record in await connection.fetch(
-            "SELECT id FROM crashes WHERE id IN (SELECT m.crash_id FROM crash_modules AS m"
-            " JOIN symbol_files AS s ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
-            " WHERE s.uploaded_at >= m.checked_at - $1 AND ($2::text IS NULL OR m.crash_id = $2)"
-            ' LIMIT 1000) ORDER BY id COLLATE "C" FOR UPDATE',
-            ARRIVAL_SLACK_MS,
-            crash_id,
+            f"SELECT id FROM crashes WHERE id IN ({candidates})"
+            ' ORDER BY id COLLATE "C" FOR UPDATE SKIP LOCKED',
+            argument,
         )
     ]
     if not crashes:
@@ -147,9 +150,8 @@ async def requeue_late(connection: asyncpg.Connection, crash_id: str | None = No
     await connection.execute(
         "DELETE FROM crash_modules AS m USING symbol_files AS s"
         " WHERE m.crash_id = ANY($1::text[]) AND s.debug_file = m.debug_file"
-        " AND s.debug_id = m.debug_id AND s.uploaded_at >= m.checked_at - $2",
+        " AND s.debug_id = m.debug_id AND s.sym_sha256 IS DISTINCT FROM m.seen_sha256",
         crashes,
-        ARRIVAL_SLACK_MS,
     )
     return len(crashes)
 
@@ -209,18 +211,14 @@ async def list_files(pool: PgPool, limit: int, after: tuple[str, str] | None) ->
 
 
 async def missing(pool: PgPool, limit: int) -> list[MissingSymbols]:
-    """Modules crashes missed symbols for and that still have none stored since their
-    processor looked, most crashes first. A module whose symbols were stored before that look
-    and could not be used (a file the loader refused, a blob gone) stays listed: uploading it
-    again is what helps."""
+    """As the SQLite backend's ``missing``."""
     rows = await pool.fetch(
         "SELECT m.debug_file, m.debug_id, max(m.code_file), count(*) AS n, max(c.received_at)"
         " FROM crash_modules AS m JOIN crashes AS c ON c.id = m.crash_id"
         " WHERE NOT EXISTS (SELECT FROM symbol_files AS s"
         " WHERE s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
-        " AND s.uploaded_at >= m.checked_at - $2)"
+        " AND s.sym_sha256 IS DISTINCT FROM m.seen_sha256)"
         " GROUP BY m.debug_file, m.debug_id ORDER BY n DESC, m.debug_file, m.debug_id LIMIT $1",
         max(0, limit),
-        ARRIVAL_SLACK_MS,
     )
     return [missing_from_row(tuple(row)) for row in rows]

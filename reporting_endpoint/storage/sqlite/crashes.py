@@ -104,7 +104,7 @@ def record_facts(
                 (*values, native.modules, native.frames, now_ms, crash_id),
             ).rowcount
             if updated:  # no rows for a crash deleted meanwhile
-                symbols.replace_missing(connection, crash_id, native.missing, native.checked_at)
+                symbols.replace_missing(connection, crash_id, native.missing)
         except BaseException:
             connection.execute("ROLLBACK TO SAVEPOINT facts")
             raise

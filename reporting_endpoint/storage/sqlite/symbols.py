@@ -16,7 +16,6 @@ import orjson
 
 from reporting_endpoint.native.records import MissingSymbols, SymbolFile
 from reporting_endpoint.storage.native_rows import (
-    ARRIVAL_SLACK_MS,
     SYMBOL_COLUMNS,
     Key,
     MissingRow,
@@ -33,6 +32,12 @@ _UPSERT = (
     f"INSERT INTO symbol_files ({_COLUMNS}) VALUES ({', '.join('?' * len(SYMBOL_COLUMNS))})"
     " ON CONFLICT (debug_file, debug_id) DO UPDATE SET "
     + ", ".join(f"{name} = excluded.{name}" for name in SYMBOL_COLUMNS[2:])
+)
+# Joins a crash_modules row (m) to a stored symbol file for its module that its processor did
+# not see (stored since it looked).
+_NEWER = (
+    "JOIN symbol_files AS s ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
+    " AND s.sym_sha256 IS NOT m.seen_sha256"
 )
 # The keys of a JSON list of [debug_file, debug_id] pairs bound as ?1.
 _KEYS = (
@@ -76,60 +81,49 @@ def put_files(connection: sqlite3.Connection, files: Sequence[SymbolFile]) -> in
 
 
 def replace_missing(
-    connection: sqlite3.Connection,
-    crash_id: str,
-    missing: Sequence[MissingRow],
-    checked_at: int = 0,
+    connection: sqlite3.Connection, crash_id: str, missing: Sequence[MissingRow]
 ) -> None:
-    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys), stamped with
-    when its processor looked for their symbols (``checked_at``, ms).
+    """The crash's ``crash_modules`` rows become ``missing`` (no duplicate keys), each with
+    the symbol file the store had when the processor looked (``seen_sha256``).
 
-    Symbols for one of them stored after that look (they found no row to re-queue) send the
-    crash back now. Symbols stored before it are not a reason: the processor had them and could
-    not use them (a blob gone, a file its loader refused); re-queueing would go round for ever.
+    A symbol file other than the one it saw (stored after the look: no row was there to
+    re-queue) sends the crash back now. The one it saw is not a reason: the processor had it
+    and could not use it (a blob gone, a file its loader refused); re-queueing would go round
+    for ever, and the module stays on the missing list until it is uploaded again.
     """
     connection.execute("DELETE FROM crash_modules WHERE crash_id = ?", (crash_id,))
     if not missing:
         return
     connection.executemany(
-        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, checked_at)"
+        "INSERT INTO crash_modules (crash_id, debug_file, debug_id, code_file, seen_sha256)"
         " VALUES (?,?,?,?,?)",
-        [(crash_id, *row, checked_at) for row in missing],
+        [(crash_id, *row) for row in missing],
     )
-    arrived = connection.execute(
-        "SELECT 1 FROM crash_modules AS m JOIN symbol_files AS s"
-        " ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
-        " WHERE m.crash_id = ? AND s.uploaded_at >= m.checked_at - ? LIMIT 1",
-        (crash_id, ARRIVAL_SLACK_MS),
-    ).fetchone()
-    if arrived is not None:
-        requeue_late(connection, crash_id)
+    requeue_late(connection, crash_id)
 
 
 def requeue_late(connection: sqlite3.Connection, crash_id: str | None = None) -> int:
-    """Crashes (one, or all when ``crash_id`` is None, at most 1,000) that miss symbols stored
-    after their processor looked: back to processing, those rows gone. An upload and a result
-    that crossed (each committed without seeing the other) are caught here."""
+    """Crashes (one, or at most 1,000 when ``crash_id`` is None) that miss a module whose
+    stored symbol file is not the one their processor saw: back to processing with fresh
+    attempts, those rows gone."""
     found = connection.execute(
-        "SELECT DISTINCT m.crash_id FROM crash_modules AS m JOIN symbol_files AS s"
-        " ON s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
-        " WHERE s.uploaded_at >= m.checked_at - ?1 AND (?2 IS NULL OR m.crash_id = ?2)"
-        " LIMIT 1000",
-        (ARRIVAL_SLACK_MS, crash_id),
+        f"SELECT DISTINCT m.crash_id FROM crash_modules AS m {_NEWER}"
+        " WHERE (?1 IS NULL OR m.crash_id = ?1) LIMIT 1000",
+        (crash_id,),
     ).fetchall()
-    ids = orjson.dumps([row[0] for row in found]).decode()
     if not found:
         return 0
+    ids = orjson.dumps([row[0] for row in found]).decode()
     connection.execute(
         "UPDATE crashes SET parse_status = 'pending', attempts = 0, claimed_by = NULL,"
         " lease_until = NULL WHERE id IN (SELECT value FROM json_each(?))",
         (ids,),
     )
     connection.execute(
-        "DELETE FROM crash_modules AS m WHERE m.crash_id IN (SELECT value FROM json_each(?1))"
+        "DELETE FROM crash_modules AS m WHERE m.crash_id IN (SELECT value FROM json_each(?))"
         " AND EXISTS (SELECT 1 FROM symbol_files AS s WHERE s.debug_file = m.debug_file"
-        " AND s.debug_id = m.debug_id AND s.uploaded_at >= m.checked_at - ?2)",
-        (ids, ARRIVAL_SLACK_MS),
+        " AND s.debug_id = m.debug_id AND s.sym_sha256 IS NOT m.seen_sha256)",
+        (ids,),
     )
     return len(found)
 
@@ -188,17 +182,16 @@ async def list_files(
 
 
 async def missing(connection: aiosqlite.Connection, limit: int) -> list[MissingSymbols]:
-    """Modules crashes missed symbols for and that still have none stored since their
-    processor looked, most crashes first. A module whose symbols were stored before that look
-    and could not be used (a file the loader refused, a blob gone) stays listed: uploading it
-    again is what helps."""
+    """Modules crashes missed symbols for and that have none stored but the one their
+    processor saw, most crashes first: a module whose stored symbols could not be used (a file
+    the loader refused, a blob gone) stays listed, since uploading it again is what helps."""
     rows = await connection.execute_fetchall(
         "SELECT m.debug_file, m.debug_id, max(m.code_file), count(*) AS n, max(c.received_at)"
         " FROM crash_modules AS m JOIN crashes AS c ON c.id = m.crash_id"
         " WHERE NOT EXISTS (SELECT 1 FROM symbol_files AS s"
         " WHERE s.debug_file = m.debug_file AND s.debug_id = m.debug_id"
-        " AND s.uploaded_at >= m.checked_at - ?)"
+        " AND s.sym_sha256 IS NOT m.seen_sha256)"
         " GROUP BY m.debug_file, m.debug_id ORDER BY n DESC, m.debug_file, m.debug_id LIMIT ?",
-        (ARRIVAL_SLACK_MS, max(0, limit)),
+        (max(0, limit),),
     )
     return [missing_from_row(tuple(row)) for row in rows]

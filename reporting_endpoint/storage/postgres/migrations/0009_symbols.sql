@@ -36,11 +36,13 @@ CREATE TABLE crash_modules (
     debug_file text COLLATE "C" NOT NULL,
     debug_id   text COLLATE "C" NOT NULL,
     code_file  text COLLATE "C",
-    checked_at bigint NOT NULL DEFAULT 0,  -- ms: when the processor looked for its symbols
+    seen_sha256 text,  -- the .sym the store had when the processor looked (NULL: none)
     PRIMARY KEY (crash_id, debug_file, debug_id)
 );
 
 CREATE INDEX crash_modules_key ON crash_modules (debug_file, debug_id);
+-- The periodic late-symbols check starts from recent uploads.
+CREATE INDEX symbol_files_uploaded ON symbol_files (uploaded_at);
 
 -- JSON lists (text, as every JSON column here: see 0003) of the processed crash: its modules
 -- and the crashing thread's frames (NULL until processed).

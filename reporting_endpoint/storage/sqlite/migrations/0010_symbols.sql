@@ -33,7 +33,7 @@ CREATE TABLE crash_modules (
     debug_file TEXT NOT NULL,
     debug_id   TEXT NOT NULL,
     code_file  TEXT,
-    checked_at INTEGER NOT NULL DEFAULT 0,  -- ms: when the processor looked for its symbols
+    seen_sha256 TEXT,  -- the .sym the store had when the processor looked (NULL: none)
     PRIMARY KEY (crash_id, debug_file, debug_id)
 ) WITHOUT ROWID;
 
