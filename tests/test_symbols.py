@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from reporting_endpoint.native import breakpad_text as symbols_text
 from reporting_endpoint.native import symbols
 from reporting_endpoint.native.symbols import SymbolFileError, SymbolLibrary, load_symbols
 
@@ -220,7 +221,7 @@ def test_inline_depth_is_capped(tmp_path: Path) -> None:
     inlines = b"".join(b"INLINE %d 1 0 %d 1000 100\n" % (i, i) for i in range(40))
     path.write_bytes(MODULE + b"FILE 0 a.c\n" + origins + b"FUNC 1000 100 0 f\n" + inlines)
     found = load_symbols(path).lookup(0x1004)
-    assert len(found) == symbols.MAX_INLINE_DEPTH
+    assert len(found) == symbols_text.MAX_INLINE_DEPTH
     assert found[-1].function == "f"
 
 
@@ -319,7 +320,7 @@ def hostile_files(tmp: Path) -> dict[str, Path]:
         "binary junk": write("junk.sym", os.urandom(8 * 2**20), b"\n", valid),
         "a few junk lines": write("fewjunk.sym", valid, b"this is junk\n\xff\xfe\x00\nFUNC zz\n"),
         "a line past the bound": write(
-            "long.sym", b"FUNC 3000 10 0 ", b"x" * (4 * symbols.MAX_LINE_BYTES), b"\n", valid
+            "long.sym", b"FUNC 3000 10 0 ", b"x" * (4 * symbols_text.MAX_LINE_BYTES), b"\n", valid
         ),
     }
 
@@ -347,11 +348,11 @@ def test_hostile_symbol_files_load_without_the_junk_or_are_refused_in_bounded_ti
         assert elapsed < 20, (label, elapsed)
         # Python-side memory stays near the chunk size whatever the file holds: a long line is
         # never held whole, and the records symbolic reads go through a file, not memory.
-        assert peak < 8 * symbols.MAX_LINE_BYTES, (label, peak)
+        assert peak < 8 * symbols_text.MAX_LINE_BYTES, (label, peak)
     assert load_symbols(tmp_path / "fewjunk.sym").stats.skipped == 3
     mostly_junk = tmp_path / "mostly_junk.sym"
     mostly_junk.write_bytes(
-        MODULE + b"FUNC 1 1 0 f\n" + b"junk\n" * (symbols.MAX_SKIPPED_LINES + 1)
+        MODULE + b"FUNC 1 1 0 f\n" + b"junk\n" * (symbols_text.MAX_SKIPPED_LINES + 1)
     )
     with pytest.raises(SymbolFileError) as refused:
         load_symbols(mostly_junk)
