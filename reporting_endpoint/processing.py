@@ -110,7 +110,10 @@ def parse_in_child(path: str, timeout: float = 120.0) -> dict[str, Any]:
 
             # The stack walked without symbols in the same call: most dumps have none in the
             # store, and then this is the whole result (one call, one read of the file).
-            facts["stack"] = analyse_stack(path, {}, str(facts.get("signature")))
+            try:
+                facts["stack"] = analyse_stack(path, {}, str(facts.get("signature")))
+            except ProcessingTimeout:
+                facts["stack"] = {}  # the facts stand without a stack
     return facts
 
 
