@@ -10,6 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from reporting_endpoint.minidump import CPUS, PLATFORMS
 from reporting_endpoint.native.records import Module
 
 MINIDUMP_SIGNATURE = 0x504D444D  # "MDMP"
@@ -35,14 +36,6 @@ MEMORY_LIST = 5
 EXCEPTION = 6
 SYSTEM_INFO = 7
 MEMORY64_LIST = 9
-
-# MINIDUMP_SYSTEM_INFO.PlatformId, including Breakpad/Crashpad's own values.
-PLATFORMS = {
-    0: "Windows", 1: "Windows", 2: "Windows",
-    0x8000: "Unix", 0x8101: "macOS", 0x8102: "iOS", 0x8201: "Linux", 0x8202: "Solaris",
-    0x8203: "Android", 0x8204: "PS3", 0x8205: "NaCl", 0x8206: "Fuchsia",
-}  # fmt: skip
-CPUS = {0: "x86", 5: "arm", 6: "ia64", 9: "amd64", 12: "arm64", 0x8003: "arm64"}
 
 # The CPU bits of a CONTEXT's flags.
 CONTEXT_X86 = 0x00010000
