@@ -162,13 +162,22 @@ def dump_self_and_upload(
                f"--trace-parent-with-exception={ctypes.addressof(info)}"]  # fmt: skip
     command += [f"--annotation={key}={value}" for key, value in annotations.items()]
     result = subprocess.run(command, capture_output=True, timeout=timeout)
+    return result.returncode, recorded_upload_id(database, result, timeout)
+
+
+def recorded_upload_id(
+    database: Path, result: subprocess.CompletedProcess[bytes], timeout: float
+) -> str:
+    """The upload id the handler records in the database's completed report (what the service
+    answered), waited for a bounded time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = list((database / "completed").glob("*.meta"))
         if done and done[0].stat().st_size > 32:
-            return result.returncode, done[0].read_bytes()[32:].decode()
+            return done[0].read_bytes()[32:].decode()
         time.sleep(0.05)
-    raise TimeoutError(f"no upload id recorded; stderr: {result.stderr.decode()[-2000:]}")
+    stderr = result.stderr.decode()[-2000:]
+    raise TimeoutError(f"no upload id recorded (exit {result.returncode}); stderr: {stderr}")
 
 
 if __name__ == "__main__":  # manual check: python -m tests.crashpad_client URL

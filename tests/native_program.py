@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 # The crash is in level3, called from level2, called from level1. ``{extra}`` lets a test
@@ -122,17 +121,10 @@ def crash_and_upload(
     timeout: float = 30,
 ) -> str:
     """Run the program: it crashes, the handler dumps and uploads it. Returns the upload id."""
-    from tests.crashpad_client import make_database
+    from tests.crashpad_client import make_database, recorded_upload_id
 
     make_database(database)
     command = [str(binary), handler, str(database), url]
     command += [f"--annotation={key}={value}" for key, value in annotations.items()]
     result = subprocess.run(command, capture_output=True, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = list((database / "completed").glob("*.meta"))
-        if done and done[0].stat().st_size > 32:
-            return done[0].read_bytes()[32:].decode()
-        time.sleep(0.05)
-    stderr = result.stderr.decode()[-2000:]
-    raise TimeoutError(f"no upload id recorded (exit {result.returncode}); stderr: {stderr}")
+    return recorded_upload_id(database, result, timeout)
