@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TypeVar
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from reporting_endpoint.api.issues import query_params
-from reporting_endpoint.api.read import json_response
-from reporting_endpoint.errors import RETRY_LATER, RequestRejected
+from reporting_endpoint.api.read import answered, json_response
+from reporting_endpoint.errors import RequestRejected
 from reporting_endpoint.params import QueryError, parse_int, parse_limit
 from reporting_endpoint.storage.alert_store import OUTBOX_STATUSES
-from reporting_endpoint.storage.base import Storage, StorageError
-
-T = TypeVar("T")
+from reporting_endpoint.storage.base import Storage
 
 DEFAULT_ALERTS = 50
 MAX_ALERTS = 500
@@ -37,14 +32,6 @@ class AlertsApi:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    async def _call(self, query: Awaitable[T]) -> T:
-        try:
-            return await query
-        except StorageError as exc:
-            raise RequestRejected(
-                503, exc.code, "the report store is not available", RETRY_LATER
-            ) from None
-
     async def alerts(self, request: Request) -> Response:
         try:
             params = query_params(request, ALERT_PARAMETERS)
@@ -55,7 +42,7 @@ class AlertsApi:
             before = _id(params.get("cursor"), "cursor", "invalid_cursor")
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        page = await self._call(self.storage.alerts_page(limit, before, status))
+        page = await answered(self.storage.alerts_page(limit, before, status))
         next_cursor = None if page.next is None else str(page.next)
         return json_response({"alerts": list(page.items), "next_cursor": next_cursor})
 
@@ -67,7 +54,7 @@ class AlertsApi:
             alert = _id(params.get("alert"), "alert", "invalid_alert")
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        page = await self._call(self.storage.alert_deliveries_page(limit, before, alert))
+        page = await answered(self.storage.alert_deliveries_page(limit, before, alert))
         next_cursor = None if page.next is None else str(page.next)
         return json_response({"deliveries": list(page.items), "next_cursor": next_cursor})
 

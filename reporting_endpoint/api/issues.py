@@ -7,16 +7,16 @@ reason code like the rest of the API; the storage answers the JSON of an issue a
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from reporting_endpoint.api.read import json_response
-from reporting_endpoint.errors import RETRY_LATER, RequestRejected
+from reporting_endpoint.api.read import answered, json_response
+from reporting_endpoint.errors import RequestRejected
 from reporting_endpoint.issues.triage import STATUSES, StatusChange
 from reporting_endpoint.params import (
     QueryError,
@@ -34,12 +34,9 @@ from reporting_endpoint.storage.base import (
     IssueFilters,
     IssueSort,
     Storage,
-    StorageError,
 )
 from reporting_endpoint.storage.filters import Position
 from reporting_endpoint.storage.rows import iso_time
-
-T = TypeVar("T")
 
 # Issues on one page: each carries an hourly series and its top browsers and OSes, so fewer
 # than the thousand rows a reports page may hold.
@@ -221,14 +218,6 @@ class IssuesApi:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    async def _call(self, query: Awaitable[T]) -> T:
-        try:
-            return await query
-        except StorageError as exc:
-            raise RequestRejected(
-                503, exc.code, "the report store is not available", RETRY_LATER
-            ) from None
-
     async def issues(self, request: Request) -> Response:
         try:
             params = query_params(request, LIST_PARAMETERS)
@@ -241,7 +230,7 @@ class IssuesApi:
         if cursor is not None and len(cursor) > MAX_CURSOR:
             raise RequestRejected(400, "invalid_cursor", "cursor is not one this service gave out")
         try:
-            page = await self._call(self.storage.issues_page(filters, sort, limit, cursor))
+            page = await answered(self.storage.issues_page(filters, sort, limit, cursor))
         except (ValueError, OverflowError):
             # The window was checked above: what the backend refuses is the opaque cursor.
             raise RequestRejected(
@@ -266,10 +255,10 @@ class IssuesApi:
             events = parse_limit(params.get("events"), DEFAULT_EVENTS)
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        found = await self._call(self.storage.get_issue(issue_id, since, until))
+        found = await answered(self.storage.get_issue(issue_id, since, until))
         if found is None:
             raise _not_found(issue_id)
-        page = await self._call(self.storage.issue_events(issue_id, events))
+        page = await answered(self.storage.issue_events(issue_id, events))
         return json_response(
             {
                 **found,
@@ -288,10 +277,10 @@ class IssuesApi:
             after = decode_event_cursor(params.get("cursor"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        page = await self._call(self.storage.issue_events(issue_id, limit, after))
+        page = await answered(self.storage.issue_events(issue_id, limit, after))
         # An empty first page is either an issue with no events left or no issue at all.
         missing = not page.items and after is None
-        if missing and await self._call(self.storage.get_issue(issue_id)) is None:
+        if missing and await answered(self.storage.get_issue(issue_id)) is None:
             raise _not_found(issue_id)
         return json_response({"events": list(page.items), "next_cursor": encode_cursor(page.next)})
 
@@ -306,7 +295,7 @@ class IssuesApi:
             raise RequestRejected(400, "invalid_json", f"the body is not JSON: {exc}") from None
         now = now_ms()
         change = status_change(body, API_ACTOR, now)
-        found = await self._call(self.storage.set_issue_status(issue_id, change, now))
+        found = await answered(self.storage.set_issue_status(issue_id, change, now))
         if found is None:
             raise _not_found(issue_id)
         return json_response(found)

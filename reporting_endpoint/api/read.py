@@ -53,6 +53,15 @@ ALLOWED_PARAMETERS = {
 }
 
 
+async def answered(query: Awaitable[T], store: str = "report store") -> T:
+    """A storage call's answer; a storage that cannot answer now is 503 with its code and
+    ``Retry-After`` (every API module reads through this)."""
+    try:
+        return await query
+    except StorageError as exc:
+        raise RequestRejected(503, exc.code, f"the {store} is not available", RETRY_LATER) from None
+
+
 class _FromApp:
     """The write token is the service app's own setting (``app.state.settings``)."""
 
@@ -190,14 +199,6 @@ class ReadApi:
         self.storage = storage
         self.blobs = blobs
 
-    async def _read(self, query: Awaitable[T]) -> T:
-        try:
-            return await query
-        except StorageError as exc:
-            raise RequestRejected(
-                503, exc.code, "the report store is not available", RETRY_LATER
-            ) from None
-
     async def groups(self, request: Request) -> Response:
         try:
             params = _params(request, "groups")
@@ -215,7 +216,7 @@ class ReadApi:
             filters = parse_filters(params, dimensions=dimensions)
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        found = await self._read(self.storage.groups(source, by, filters, limit))
+        found = await answered(self.storage.groups(source, by, filters, limit))
         return json_response(
             {"source": source, "by": list(by), "groups": list(found.groups), "more": found.more}
         )
@@ -228,19 +229,19 @@ class ReadApi:
             after = decode_crash_cursor(params.get("cursor"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        page = await self._read(self.storage.crash_page(filters, limit, after))
+        page = await answered(self.storage.crash_page(filters, limit, after))
         return json_response(_page(page, "crashes"))
 
     async def crash(self, request: Request) -> Response:
         crash_id = _crash_id(request)
-        found = await self._read(self.storage.get_crash(crash_id))
+        found = await answered(self.storage.get_crash(crash_id))
         if found is None:
             raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
         return json_response(found)
 
     async def minidump(self, request: Request) -> Response:
         crash_id = _crash_id(request)
-        dump_path = await self._read(self.storage.crash_dump_path(crash_id))
+        dump_path = await answered(self.storage.crash_dump_path(crash_id))
         if dump_path is None:
             raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
         try:
@@ -271,12 +272,12 @@ class ReadApi:
             after = decode_row_cursor(params.get("cursor"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        page = await self._read(self.storage.reports_page(filters, limit, after))
+        page = await answered(self.storage.reports_page(filters, limit, after))
         return json_response(_page(page, "reports"))
 
     async def report(self, request: Request) -> Response:
         report_id = _row_id(request, "report_id", "report")
-        found = await self._read(self.storage.get_report(report_id))
+        found = await answered(self.storage.get_report(report_id))
         if found is None:
             raise RequestRejected(404, "report_not_found", f"no report with id {report_id}")
         return json_response(found)
@@ -293,7 +294,7 @@ class ReadApi:
             bucket = parse_bucket(params.get("bucket", "hour"))
             filters = parse_filters(params, dimensions=dimensions)
             window = Window.of(bucket, filters)
-            counts = await self._read(self.storage.timeseries(source, bucket, by, filters))
+            counts = await answered(self.storage.timeseries(source, bucket, by, filters))
             series = series_rows(by, counts, window.widen(counts))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
@@ -307,26 +308,26 @@ class ReadApi:
             after = decode_row_cursor(params.get("cursor"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        page = await self._read(self.storage.quarantine_page(filters, limit, after))
+        page = await answered(self.storage.quarantine_page(filters, limit, after))
         return json_response(_page(page, "quarantine"))
 
     async def quarantined(self, request: Request) -> Response:
         row_id = _row_id(request, "quarantine_id", "quarantined report")
-        found = await self._read(self.storage.get_quarantined(row_id))
+        found = await answered(self.storage.get_quarantined(row_id))
         if found is None:
             raise RequestRejected(404, "quarantined_not_found", f"no quarantined id {row_id}")
         return json_response(found)
 
     async def delete_report(self, request: Request) -> Response:
         report_id = _row_id(request, "report_id", "report")
-        deleted = await self._read(self.storage.delete_report(report_id))
+        deleted = await answered(self.storage.delete_report(report_id))
         if not deleted:
             raise RequestRejected(404, "report_not_found", f"no report with id {report_id}")
         return json_response({"deleted": {"reports": 1, "crashes": 0, "files": 0}})
 
     async def delete_crash(self, request: Request) -> Response:
         crash_id = _crash_id(request)
-        gone = await self._read(deletion.delete_crash(self.storage, crash_id, self.blobs))
+        gone = await answered(deletion.delete_crash(self.storage, crash_id, self.blobs))
         if not gone.crashes:
             raise RequestRejected(404, "crash_not_found", f"no crash with id {crash_id}")
         return json_response({"deleted": {"reports": 0, "crashes": 1, "files": gone.files_removed}})

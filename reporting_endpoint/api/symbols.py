@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import orjson
 from python_multipart.exceptions import MultipartParseError
@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from reporting_endpoint.api.read import answered
 from reporting_endpoint.blobstores import BlobNotFound, BlobStore, BlobStoreError, BlobStream
 from reporting_endpoint.blobstores.base import key_for
 from reporting_endpoint.errors import RETRY_LATER, RequestRejected
@@ -33,9 +34,8 @@ from reporting_endpoint.native.symbol_import import (
 )
 from reporting_endpoint.params import QueryError, parse_limit
 from reporting_endpoint.settings import Settings
-from reporting_endpoint.storage.base import Storage, StorageError
+from reporting_endpoint.storage.base import Storage
 
-T = TypeVar("T")
 log = logging.getLogger("reporting_endpoint.api.symbols")
 
 # Form parts in one upload (files and text fields), and the text fields' bytes together: the
@@ -172,14 +172,6 @@ class SymbolsApi:
         self.temp_folder = settings.data_dir / "tmp"
         self._gate: asyncio.Semaphore | None = None
 
-    async def _read(self, query: Awaitable[T]) -> T:
-        try:
-            return await query
-        except StorageError as exc:
-            raise RequestRejected(
-                503, exc.code, "the symbol store is not available", RETRY_LATER
-            ) from None
-
     # --- uploads ------------------------------------------------------------------------
 
     async def upload(self, request: Request) -> Response:
@@ -205,15 +197,12 @@ class SymbolsApi:
                     raise RequestRejected(
                         400, "no_symbol_files", "the form has no file part (curl -F file=@x.sym)"
                     )
-                imported = await import_files(
-                    self.storage, self.blobs, files, workdir, gate=self._gate
+                imported = await answered(
+                    import_files(self.storage, self.blobs, files, workdir, gate=self._gate),
+                    "symbol store",
                 )
         except SymbolImportError as exc:
             raise RequestRejected(400, exc.code, f"{exc.filename}: {exc.message}") from None
-        except StorageError as exc:
-            raise RequestRejected(
-                503, exc.code, "the symbol store is not available", RETRY_LATER
-            ) from None
         except (BlobStoreError, OSError) as exc:
             log.warning("symbol upload refused: the blob store or the disk failed: %s", exc)
             code = exc.code if isinstance(exc, BlobStoreError) else BlobStoreError.code
@@ -260,10 +249,11 @@ class SymbolsApi:
         missing = RequestRejected(404, "symbol_not_found", "no symbol file at that path")
         if max(len(debug_file), len(debug_id), len(name)) > MAX_PATH_PART:
             raise missing
-        found = await self._read(self.storage.get_symbol_file(debug_file, debug_id))
+        found = await answered(self.storage.get_symbol_file(debug_file, debug_id), "symbol store")
         if found is None and debug_id != debug_id.upper():
             # Breakpad ids are upper-case hex; some clients ask in lower case.
-            found = await self._read(self.storage.get_symbol_file(debug_file, debug_id.upper()))
+            upper = debug_id.upper()
+            found = await answered(self.storage.get_symbol_file(debug_file, upper), "symbol store")
         if found is None or found.name != name:
             raise missing
         try:
@@ -289,7 +279,7 @@ class SymbolsApi:
             after = decode_symbol_cursor(params.get("cursor"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        found = await self._read(self.storage.list_symbol_files(limit, after))
+        found = await answered(self.storage.list_symbol_files(limit, after), "symbol store")
         # A full page may have a next one; an empty page then ends the listing.
         cursor = encode_symbol_cursor(found[-1]) if len(found) >= limit else None
         return json_response({"symbols": [symbol_json(f) for f in found], "next_cursor": cursor})
@@ -300,7 +290,7 @@ class SymbolsApi:
             limit = parse_limit(params.get("limit"))
         except QueryError as exc:
             raise RequestRejected(400, exc.code, exc.message) from None
-        found = await self._read(self.storage.missing_symbols(limit))
+        found = await answered(self.storage.missing_symbols(limit), "symbol store")
         return json_response({"missing": [asdict(m) for m in found]})
 
     def server_routes(self) -> list[Route]:
