@@ -7,6 +7,7 @@ boundaries and are stored as JSON on the crash row.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,3 +154,14 @@ class MissingSymbols:
     code_file: str | None
     crashes: int
     last_seen: int  # ms since the Unix epoch of the newest such crash
+
+
+def symbol_keys(modules: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The (debug_file, debug_id) of each module dict (``Module.as_dict``, as processors send
+    and the storage keeps them) that has both, once each, in order."""
+    keys: dict[tuple[str, str], None] = {}
+    for module in modules:
+        debug_file, debug_id = module.get("debug_file"), module.get("debug_id")
+        if isinstance(debug_file, str) and isinstance(debug_id, str) and debug_file and debug_id:
+            keys[(debug_file, debug_id)] = None
+    return list(keys)

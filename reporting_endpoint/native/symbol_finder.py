@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reporting_endpoint.blobstores import BlobStore
 from reporting_endpoint.blobstores.base import key_for
 from reporting_endpoint.native.blob_cache import SymbolBlobCache
+from reporting_endpoint.native.records import symbol_keys
+from reporting_endpoint.native.symbol_upload import sym_name
 from reporting_endpoint.native.symbolication import SymbolPaths
 from reporting_endpoint.storage.base import Storage
 
@@ -22,22 +24,6 @@ log = logging.getLogger("reporting_endpoint.native")
 # Modules fetched from upstream servers per crash at most (each fetch is bounded in time by the
 # upstream client; this bounds how many a crash may wait for).
 UPSTREAM_PER_CRASH = 8
-
-
-def symbol_keys(modules: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """The (debug_file, debug_id) of each module that has both, once each."""
-    keys: dict[tuple[str, str], None] = {}
-    for module in modules:
-        debug_file, debug_id = module.get("debug_file"), module.get("debug_id")
-        if isinstance(debug_file, str) and isinstance(debug_id, str) and debug_file and debug_id:
-            keys[(debug_file, debug_id)] = None
-    return list(keys)
-
-
-def sym_name(debug_file: str) -> str:
-    """The .sym file name Breakpad files a debug file's symbols under."""
-    stem = debug_file[:-4] if debug_file.lower().endswith(".pdb") else debug_file
-    return f"{stem}.sym"
 
 
 class SymbolFinder:

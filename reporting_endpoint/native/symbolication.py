@@ -72,7 +72,6 @@ class _Resolver:
         self._paths = symbols
         self._loaded: dict[tuple[str, str], LoadedSymbols | None] = {}
         self._unwind: dict[tuple[str, str], UnwindTable | None] = {}
-        self.used: set[tuple[str, str]] = set()
         # Symbols found but not loadable (a file the loader refuses, a cache file gone): their
         # modules are listed missing, so that a fixed upload sends the crash round again.
         self.failed: set[tuple[str, str]] = set()
@@ -131,7 +130,6 @@ class _Resolver:
         symbols = self._symbols(key)
         if symbols is None:
             return ()
-        self.used.add(key)
         return symbols.lookup(offset)
 
 

@@ -128,16 +128,6 @@ def native_facts(facts: Mapping[str, Any]) -> NativeFacts:
     return NativeFacts(modules, frames, tuple(rows.values()))
 
 
-def module_keys(modules: list[dict[str, Any]]) -> list[Key]:
-    """The symbol keys of stored module dicts (those with both ids), each once."""
-    keys: dict[Key, None] = {}
-    for module in modules:
-        debug_file, debug_id = module.get("debug_file"), module.get("debug_id")
-        if isinstance(debug_file, str) and debug_file and isinstance(debug_id, str) and debug_id:
-            keys[(debug_file, debug_id)] = None
-    return list(keys)
-
-
 def stored_list(text: object) -> list[Any]:
     """A JSON list column as the API shows it: ``[]`` until the crash is processed (NULL), and
     for anything that is not a list (written by another tool)."""

@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import orjson
 
+from reporting_endpoint.native.records import symbol_keys
 from reporting_endpoint.storage.base import Blob, GroupPage, Page, PendingCrash, SeriesCount
 from reporting_endpoint.storage.filters import (
     BUCKET_HOURS,
@@ -45,7 +46,6 @@ from reporting_endpoint.storage.filters import (
 )
 from reporting_endpoint.storage.native_rows import (
     NATIVE_COLUMNS,
-    module_keys,
     stored_modules,
     with_native,
 )
@@ -362,7 +362,7 @@ async def get_crash(pool: PgPool, crash_id: str) -> dict[str, Any] | None:
         return None
     *row, issue_id, modules_text, frames = rows[0]
     modules = stored_modules(modules_text)
-    present = await symbols.present(pool, module_keys(modules))
+    present = await symbols.present(pool, symbol_keys(modules))
     crash = with_native(crash_row_to_dict(row), modules, frames, present)
     # The issue the crash is counted in (None until processed, or without a signature).
     crash["issue_id"] = None if issue_id is None else int(issue_id)

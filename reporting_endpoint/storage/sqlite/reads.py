@@ -14,6 +14,7 @@ from typing import Any
 
 import aiosqlite
 
+from reporting_endpoint.native.records import symbol_keys
 from reporting_endpoint.storage.base import GroupPage, Page, PendingCrash, SeriesCount
 from reporting_endpoint.storage.filters import (
     BUCKET_HOURS,
@@ -29,7 +30,6 @@ from reporting_endpoint.storage.filters import (
 )
 from reporting_endpoint.storage.native_rows import (
     NATIVE_COLUMNS,
-    module_keys,
     stored_modules,
     with_native,
 )
@@ -261,7 +261,7 @@ async def get_crash(connection: aiosqlite.Connection, crash_id: str) -> dict[str
         return None
     *row, issue_id, modules_text, frames = rows[0]
     modules = stored_modules(modules_text)
-    present = await symbols.present(connection, module_keys(modules))
+    present = await symbols.present(connection, symbol_keys(modules))
     crash = with_native(crash_row_to_dict(row), modules, frames, present)
     # The issue the crash is counted in (None until processed, or without a signature).
     crash["issue_id"] = None if issue_id is None else int(issue_id)
